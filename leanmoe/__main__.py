@@ -1,0 +1,5 @@
+import sys
+
+from leanmoe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,135 @@
+"""Grouped GEMM for MoE experts: rows sorted by expert, one weight matrix per expert.
+
+Shape legend: M rows (token-expert pairs, sorted by expert), K in features, N out features,
+G groups (experts).
+
+    y[offs[g-1]:offs[g]] = x[offs[g-1]:offs[g]] @ w[g]        (offs[-1] = 0)
+
+`grouped_mm` is the one dispatch point. It is a `torch.library` custom op (with its own fake
+kernel and backward), so `torch.compile` treats it as one opaque node on every device. Inside,
+it runs `torch._grouped_mm` when that kernel supports the device, dtype and strides (probed once
+per device and dtype; it needs 16-byte-aligned strides), and otherwise a padded `bmm`, which
+needs one host sync to learn the largest group. `grouped_mm_reference` is the plain per-group
+loop the tests hold both to.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["grouped_mm", "grouped_mm_reference", "grouped_mm_backend"]
+
+
+def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [M, K], w [G, K, N], offs [G] (inclusive cumulative row counts) -> y [M, N]. A loop."""
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    out = [x[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, ends))]
+    return torch.cat(out) if out else x.new_zeros(0, w.shape[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs (forward and weight-gradient forms) and is right here."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        dev = torch.device(device_type)
+        x = torch.randn(32, 16, device=dev, dtype=dtype)
+        w = torch.randn(2, 16, 16, device=dev, dtype=dtype)
+        offs = torch.tensor([8, 32], device=dev, dtype=torch.int32)
+        y = torch._grouped_mm(x, w.transpose(-2, -1).contiguous().transpose(-2, -1), offs=offs)
+        dw = torch._grouped_mm(x.t(), y, offs=offs)
+        ref_y = torch.cat([x[:8] @ w[0], x[8:] @ w[1]])
+        ref_dw = torch.stack([x[:8].T @ ref_y[:8], x[8:].T @ ref_y[8:]])
+        return bool(torch.allclose(y.float(), ref_y.float(), atol=0.5, rtol=0.05)
+                    and torch.allclose(dw.float(), ref_dw.float(), atol=2.0, rtol=0.05))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _aligned(*ts: torch.Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte-aligned base pointers and non-unit strides."""
+    for t in ts:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(s != 1 and (s * size) % 16 for s in t.stride()):
+            return False
+    return True
+
+
+def grouped_mm_backend(device: torch.device | str, dtype: torch.dtype) -> str:
+    """'torch._grouped_mm' or 'padded_bmm': what `grouped_mm` uses for aligned shapes here."""
+    return "torch._grouped_mm" if _torch_grouped_mm_works(torch.device(device).type, dtype) else "padded_bmm"
+
+
+def _group_layout(offs: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per row: its group and its index inside the group; and the largest group size."""
+    ends = offs.long()
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    group = torch.repeat_interleave(torch.arange(len(ends), device=offs.device), counts, output_size=m)
+    row = torch.arange(m, device=offs.device) - (ends - counts)[group]
+    cap = int(counts.max()) if m else 0  # host sync: the padded size
+    return group, row, max(cap, 1)
+
+
+def _pad(x: torch.Tensor, group: torch.Tensor, row: torch.Tensor, n_groups: int, cap: int) -> torch.Tensor:
+    out = x.new_zeros(n_groups, cap, x.shape[1])
+    out[group, row] = x
+    return out
+
+
+@torch.library.custom_op("leanmoe::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if _torch_grouped_mm_works(x.device.type, x.dtype) and _aligned(x, w):
+        return torch._grouped_mm(x, w, offs=offs)
+    group, row, cap = _group_layout(offs, x.shape[0])
+    return torch.bmm(_pad(x, group, row, w.shape[0], cap), w)[group, row]
+
+
+@_grouped_mm_op.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("leanmoe::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_wgrad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """dw[g] = x[rows of g]^T @ dy[rows of g]: [G, K, N] (zero for empty groups)."""
+    if _torch_grouped_mm_works(x.device.type, x.dtype) and _aligned(x.t(), dy):
+        return torch._grouped_mm(x.t(), dy, offs=offs)
+    group, row, cap = _group_layout(offs, x.shape[0])
+    return torch.bmm(_pad(x, group, row, n_groups, cap).transpose(1, 2), _pad(dy, group, row, n_groups, cap))
+
+
+@_grouped_mm_wgrad.register_fake
+def _(x, dy, offs, n_groups):
+    return x.new_empty(n_groups, x.shape[1], dy.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, offs = inputs
+    ctx.save_for_backward(x, w, offs)
+
+
+def _backward(ctx, dy):
+    x, w, offs = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx = _grouped_mm_op(dy, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    dw = _grouped_mm_wgrad(x, dy, offs, w.shape[0]) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [M, K], w [G, K, N] (any strides; a transposed [G, N, K] view is fine), offs [G] int32
+    inclusive row offsets (offs[-1] == M) -> y [M, N]. Differentiable in x and w."""
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"grouped_mm: expected x [M, K] and w [G, K, N], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if offs.shape != (w.shape[0],):
+        raise ValueError(f"grouped_mm: offs must have one entry per group ({w.shape[0]}), got {tuple(offs.shape)}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"grouped_mm: x is {x.dtype} but w is {w.dtype}")
+    return _grouped_mm_op(x, w, offs.to(torch.int32))

@@ -1,0 +1,23 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from leanmoe import ModelConfig
+from tests.util import micro_config
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture
+def micro_cfg() -> ModelConfig:
+    return micro_config()

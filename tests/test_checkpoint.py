@@ -1,0 +1,198 @@
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import leanmoe
+from leanmoe import Transformer
+from leanmoe.checkpoint import dequantize_fp8_blocks, hf_state_dict
+from tests.util import micro_config
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_config(cfg):
+    return transformers.DeepseekV3Config(**{k: v for k, v in cfg.to_hf_dict().items() if k != "rope_scaling"})
+
+
+def _randomize(model, std=0.1):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, std)
+            else:
+                p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)
+
+
+def _ids(cfg):
+    return torch.randint(0, cfg.vocab_size, (2, 24))
+
+
+def test_transformers_saves_leanmoe_loads(tmp_path):
+    cfg = micro_config(num_nextn_predict_layers=0)
+    hf = transformers.DeepseekV3ForCausalLM(_hf_config(cfg)).eval()
+    _randomize(hf)
+    hf.save_pretrained(tmp_path)
+    model = leanmoe.from_pretrained(tmp_path).eval()
+    ids = _ids(cfg)
+    with torch.no_grad():
+        ref, out = hf(ids).logits, model(ids)
+    assert ref.abs().max() > 1.0  # weights large enough that routing and attention matter
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_leanmoe_saves_transformers_loads(tmp_path):
+    cfg = micro_config(num_nextn_predict_layers=0)
+    model = Transformer(cfg).eval()
+    _randomize(model)
+    leanmoe.save_pretrained(model, tmp_path)
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+    ids = _ids(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_with_mtp_loads_in_transformers_and_round_trips(tmp_path):
+    cfg = micro_config()
+    model = Transformer(cfg).eval()
+    _randomize(model)
+    leanmoe.save_pretrained(model, tmp_path)
+    names = set(load_file(tmp_path / "model.safetensors"))
+    j = cfg.num_hidden_layers
+    for n in (f"model.layers.{j}.eh_proj.weight", f"model.layers.{j}.enorm.weight", f"model.layers.{j}.hnorm.weight",
+              f"model.layers.{j}.shared_head.norm.weight", f"model.layers.{j}.shared_head.head.weight",
+              f"model.layers.{j}.embed_tokens.weight", f"model.layers.{j}.mlp.experts.7.down_proj.weight",
+              "model.layers.1.mlp.experts.0.gate_proj.weight", "model.layers.1.mlp.gate.e_score_correction_bias",
+              "model.layers.2.self_attn.kv_a_proj_with_mqa.weight", "lm_head.weight"):
+        assert n in names, n
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+    again = leanmoe.from_pretrained(tmp_path).eval()
+    ids = _ids(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+        a, b = model.compute_loss(ids, ids), again.compute_loss(ids, ids)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v, msg=lambda m: f"{k}: {m}")
+    torch.testing.assert_close(a.mtp_loss, b.mtp_loss)
+
+
+def test_sharded_save_and_load(tmp_path):
+    cfg = micro_config()
+    model = Transformer(cfg)
+    leanmoe.save_pretrained(model, tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 2 and not (tmp_path / "model.safetensors").exists()
+    again = leanmoe.from_pretrained(tmp_path)
+    ids = _ids(cfg)
+    torch.testing.assert_close(again(ids), model(ids))
+    # saving again as one file removes the stale shards and index
+    leanmoe.save_pretrained(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    cfg = micro_config(tie_word_embeddings=True)
+    model = Transformer(cfg)
+    leanmoe.save_pretrained(model, tmp_path)
+    assert "lm_head.weight" not in set(load_file(tmp_path / "model.safetensors"))
+    again = leanmoe.from_pretrained(tmp_path)
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    ids = _ids(cfg)
+    torch.testing.assert_close(again(ids), model(ids))
+
+
+def test_loads_transformers_v5_fused_experts(tmp_path):
+    cfg = micro_config()
+    model = Transformer(cfg)
+    _randomize(model)
+    tensors = hf_state_dict(model)
+    fused = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
+    for name, t in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            fused[name] = t.clone()
+    save_file(fused, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    cfg.save(tmp_path / "config.json")
+    ids = _ids(cfg)
+    torch.testing.assert_close(leanmoe.from_pretrained(tmp_path)(ids), model(ids))
+
+
+def test_loads_fp8_block_quantized_weights(tmp_path):
+    cfg = micro_config(hidden_size=160, q_lora_rank=136)  # shapes not multiples of 128
+    model = Transformer(cfg)
+    tensors = hf_state_dict(model)
+    quant = {}
+    for name, t in tensors.items():
+        if name.endswith("proj.weight") and t.dim() == 2:
+            n, k = t.shape
+            bn, bk = -(-n // 128), -(-k // 128)
+            padded = torch.zeros(bn * 128, bk * 128)
+            padded[:n, :k] = t
+            blocks = padded.view(bn, 128, bk, 128)
+            scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+            q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).view(bn * 128, bk * 128)[:n, :k]
+            quant[name], quant[name + "_scale_inv"] = q.contiguous(), scale
+        else:
+            quant[name] = t
+    save_file(quant, str(tmp_path / "model.safetensors"))
+    cfg.save(tmp_path / "config.json")
+    loaded = leanmoe.from_pretrained(tmp_path)
+    w = loaded.model.layers[0].self_attn.q_a_proj.weight
+    ref = model.model.layers[0].self_attn.q_a_proj.weight
+    assert w.dtype == torch.float32
+    rel = (w - ref).norm() / ref.norm()
+    assert 0 < rel < 0.05, rel  # e4m3 has a 3-bit mantissa: a few percent error, not zero
+    s = torch.tensor([[2.0, 4.0]])
+    torch.testing.assert_close(dequantize_fp8_blocks(torch.ones(3, 130).to(torch.float8_e4m3fn), s)[:, [0, 127, 128]],
+                               torch.tensor([[2.0, 2.0, 4.0]] * 3))
+
+
+def test_errors_name_the_tensor(tmp_path):
+    cfg = micro_config()
+    model = Transformer(cfg)
+    tensors = hf_state_dict(model)
+    bad = dict(tensors)
+    del bad["model.layers.1.self_attn.o_proj.weight"]
+    bad["model.layers.1.mlp.experts.0.up_proj.weight"] = torch.zeros(3, 3)
+    bad["model.layers.0.mystery.weight"] = torch.zeros(2)
+    del bad["model.layers.2.mlp.experts.5.down_proj.weight"]
+    save_file(bad, str(tmp_path / "model.safetensors"))
+    cfg.save(tmp_path / "config.json")
+    with pytest.raises(ValueError) as e:
+        leanmoe.from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "missing tensor model.layers.1.self_attn.o_proj.weight (expected shape [32, 24])" in msg
+    assert "unexpected tensor model.layers.0.mystery.weight" in msg
+    assert "missing tensor model.layers.2.mlp.experts.5.down_proj.weight" in msg
+    assert "model.layers.1.mlp.experts" in msg and "inconsistent shapes" in msg
+    # a wrong shape names both shapes
+    bad = dict(tensors)
+    bad["model.norm.weight"] = torch.ones(31)
+    save_file(bad, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model.norm.weight has shape \[31\], the config expects \[32\]"):
+        leanmoe.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        leanmoe.from_pretrained(tmp_path / "nope")
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no safetensors weights"):
+        leanmoe.from_pretrained(tmp_path)
+
+
+def test_bf16_load_keeps_router_fp32(tmp_path):
+    cfg = micro_config()
+    leanmoe.save_pretrained(Transformer(cfg), tmp_path, dtype=torch.bfloat16)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.1.self_attn.o_proj.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.float32
+    model = leanmoe.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32
+    assert model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    assert model(_ids(cfg)).dtype == torch.bfloat16

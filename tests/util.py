@@ -1,0 +1,18 @@
+"""Helpers shared by the tests."""
+
+from leanmoe import ModelConfig
+
+
+def micro_config(**overrides) -> ModelConfig:
+    """A few-thousand-parameter model exercising every feature: q_lora, groups, YaRN, MTP."""
+    base = dict(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+        max_position_embeddings=128, moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=8,
+        num_experts_per_tok=3, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=1.5,
+        num_nextn_predict_layers=1, initializer_range=0.1,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8},
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
