@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from leanmoe.config import ModelConfig
 from leanmoe.model.transformer import Transformer
 
-__all__ = ["save_pretrained", "from_pretrained", "hf_state_dict", "load_hf_state_dict", "dequantize_fp8_blocks"]
+__all__ = ["save_pretrained", "from_pretrained", "resolve_checkpoint", "hf_state_dict", "load_hf_state_dict", "dequantize_fp8_blocks"]
 
 _EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -246,17 +246,38 @@ def _natural_key(name: str) -> list:
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The HF-layout folder behind `path`: the folder itself when it holds a config.json, or the
+    latest checkpoint of a training run folder (`path/checkpoints/latest`, a symlink or a file
+    naming the step folder)."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    latest = p / "checkpoints" / "latest"
+    if latest.is_symlink() or latest.is_dir():
+        target = latest.resolve()
+    elif latest.is_file():
+        target = latest.parent / latest.read_text().strip()
+    else:
+        if not p.exists():
+            raise FileNotFoundError(f"checkpoint folder {p} does not exist")
+        raise FileNotFoundError(f"{p} is neither an HF-layout checkpoint (no config.json) nor a training run "
+                                "folder (no checkpoints/latest)")
+    if not (target / "config.json").is_file():
+        raise FileNotFoundError(f"{latest} points at {target}, which holds no config.json")
+    return target
+
+
 def from_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32, config: ModelConfig | None = None) -> Transformer:
-    """Load an HF-layout DeepseekV3 checkpoint folder (leanmoe's, transformers', DeepSeek's).
+    """Load an HF-layout DeepseekV3 checkpoint folder (leanmoe's, transformers', DeepSeek's), or
+    the latest checkpoint of a training run folder.
 
     Weights are cast to `dtype` (the router stays fp32); FP8 block-quantised weights are
     dequantised. `config` overrides the folder's config.json (e.g. to change training knobs).
     Raises FileNotFoundError / ValueError with the offending file or tensor named.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    path = resolve_checkpoint(path)
     cfg = config or ModelConfig.from_pretrained(path)
     if cfg.num_nextn_predict_layers and not _has_layer(path, cfg.num_hidden_layers):
         # transformers saves DeepseekV3 without its MTP module but keeps num_nextn_predict_layers
