@@ -107,7 +107,8 @@ def _has_layer(path: Path, layer: int) -> bool:
     return False
 
 
-def _iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of a checkpoint folder, shard by shard."""
     for f in _checkpoint_files(path):
         with safe_open(str(f), framework="pt") as fh:
             for name in fh.keys():
@@ -287,7 +288,7 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("tokens_per_expert")}
-    state = load_hf_state_dict(cfg, _iter_tensors(path), expected)
+    state = load_hf_state_dict(cfg, iter_checkpoint_tensors(path), expected)
     for name, t in state.items():
         target = torch.float32 if name.endswith(_FP32_KEYS) else dtype
         state[name] = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)

@@ -37,17 +37,110 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    """Train a model from text (see leanmoe.train.trainer)."""
+    from leanmoe.data.sources import DataError
+    from leanmoe.train.config import TrainConfig, parse_duration
+    from leanmoe.train.cost import parse_count
+    from leanmoe.train.trainer import TrainingError, train
+
+    tc = TrainConfig(
+        preset=args.preset, config=args.config, data=args.data, tokenizer=args.tokenizer, out=args.out,
+        max_steps=args.max_steps, max_tokens=parse_count(args.max_tokens) if args.max_tokens else None,
+        time_budget=parse_duration(args.time_budget) if args.time_budget else None, seq_len=args.seq_len,
+        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
+        warmup_steps=args.warmup_steps, schedule=args.schedule, eval_interval=args.eval_interval,
+        save_interval=args.save_interval, keep_last=args.keep_last, seed=args.seed, device=args.device,
+        dtype=args.dtype, compile=args.compile, resume=args.resume, mtp_weight=args.mtp_weight,
+        price_per_hour=args.price_per_hour, gpu=args.gpu, progress=not args.quiet,
+    )
+    try:
+        result = train(tc)
+    except (TrainingError, DataError) as e:
+        print(f"leanmoe train: error: {e}", file=sys.stderr)
+        return 1
+    print(f"checkpoint: {result.checkpoint}\nreport:     {result.report}")
+    return 130 if result.interrupted else 0
+
+
+def cmd_cost(args) -> int:
+    """Estimate what training a model costs."""
+    from leanmoe.train.cost import estimate_cost, parse_count
+
+    cfg = _load_config(args)
+    est = estimate_cost(cfg, args.tokens, args.gpu, mfu=args.mfu,
+                        tokens_per_second=parse_count(args.tokens_per_second) if args.tokens_per_second else None,
+                        gpu_hours=parse_count(args.gpu_hours) if args.gpu_hours else None,
+                        price_per_hour=args.price_per_hour, seq_len=args.seq_len, precision=args.precision)
+    if args.json:
+        import json
+
+        print(json.dumps(est.as_dict(), indent=2))
+    else:
+        print("\n".join(est.lines()))
+    return 0
+
+
+def _model_source_args(p: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=default_preset, help="tiny | small | deepseek-v2-lite | deepseek-v3")
+    src.add_argument("--config", help="an HF config.json (or a folder holding one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanmoe", description="Train and serve DeepSeek-V3-style MoE models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="show a model's shape, parameter counts and FLOPs per token")
-    src = info.add_mutually_exclusive_group()
-    src.add_argument("--preset", default="tiny", help="tiny | small | deepseek-v2-lite | deepseek-v3")
-    src.add_argument("--config", help="an HF config.json (or a folder holding one)")
+    _model_source_args(info)
     info.add_argument("--seq-len", type=int, default=128)
     info.add_argument("--forward", action="store_true", help="build the model and time one forward pass")
     info.set_defaults(func=cmd_info)
+
+    tr = sub.add_parser("train", help="train a model from raw text", description=(
+        "Train a DeepSeek-style MoE from text. With no arguments: the tiny preset on the Python standard "
+        "library for ten minutes. Writes metrics.jsonl, report.md, tokenizer.json and checkpoints/ into --out."))
+    _model_source_args(tr)
+    tr.add_argument("--data", nargs="+", metavar="SRC", help="files, folders, globs, .jsonl/.parquet, hf:NAME[:CONFIG][@SPLIT]")
+    tr.add_argument("--tokenizer", help="reuse this tokenizer.json (or folder) instead of training one")
+    tr.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    budget = tr.add_argument_group("budget (whichever ends first; default --time-budget 10m)")
+    budget.add_argument("--max-steps", type=int)
+    budget.add_argument("--max-tokens", help="e.g. 50M, 1.5B")
+    budget.add_argument("--time-budget", help="wall-clock, e.g. 10m, 90s, 2h")
+    tr.add_argument("--seq-len", type=int)
+    tr.add_argument("--batch-size", type=int, help="sequences per optimizer step")
+    tr.add_argument("--micro-batch-size", type=int, help="sequences per forward pass (gradient accumulation)")
+    tr.add_argument("--lr", type=float, help="peak learning rate (default ~0.02/sqrt(hidden_size))")
+    tr.add_argument("--warmup-steps", type=int)
+    tr.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default="cosine")
+    tr.add_argument("--mtp-weight", type=float, help="MTP loss weight (default: the config's, 0.3)")
+    tr.add_argument("--eval-interval", type=int)
+    tr.add_argument("--save-interval", type=int)
+    tr.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    tr.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    tr.add_argument("--gpu", help="GPU type for the cost report (default: detected)")
+    tr.add_argument("--price-per-hour", type=float, help="$ per device-hour for the cost report")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
+
+    co = sub.add_parser("cost", help="estimate the GPU-hours and dollars a training run takes")
+    _model_source_args(co, default_preset="deepseek-v3")
+    co.add_argument("--tokens", required=True, help="training tokens, e.g. 14.8T")
+    co.add_argument("--gpu", default="h800", help="h800 | h100 | h200 | b200 | a100 | l40s | rtx4090 | mi300x ...")
+    how = co.add_mutually_exclusive_group(required=True)
+    how.add_argument("--mfu", type=float, help="assumed model FLOPs utilisation, e.g. 0.4")
+    how.add_argument("--tokens-per-second", help="measured throughput per GPU")
+    how.add_argument("--gpu-hours", help="GPU-hours spent (prints the implied MFU)")
+    co.add_argument("--price-per-hour", type=float, help="$ per GPU-hour (default: the GPU table's)")
+    co.add_argument("--seq-len", type=int, default=4096)
+    co.add_argument("--precision", choices=["bf16", "fp8"], default="bf16", help="peak to measure MFU against")
+    co.add_argument("--json", action="store_true")
+    co.set_defaults(func=cmd_cost)
     return p
 
 

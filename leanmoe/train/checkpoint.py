@@ -1,0 +1,188 @@
+"""Training checkpoints: an HF-layout model folder plus everything needed to resume exactly.
+
+    RUN/checkpoints/step-N/
+        config.json, model.safetensors      the model (leanmoe.from_pretrained and transformers load it)
+        tokenizer.json, tokenizer_config.json
+        optimizer.safetensors               AdamW moments and step counts, keyed by parameter name
+        rng.safetensors                     torch CPU (and CUDA) generator states
+        trainer_state.json                  step, tokens, elapsed, loader position, schedule, RNG of
+                                            python/numpy, the training config
+    RUN/checkpoints/latest -> step-N        (a symlink; a plain file naming the folder where
+                                            symlinks are unavailable)
+
+Router biases travel in the model weights (`e_score_correction_bias`). A checkpoint is written
+into a hidden temporary folder and renamed into place only when complete, so a crash at any
+moment leaves either the previous checkpoint set or the new one, never a half-written folder.
+Nothing is unpickled: tensors are safetensors, the rest JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from leanmoe.checkpoint import iter_checkpoint_tensors, load_hf_state_dict, save_pretrained
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "rng_state",
+           "restore_rng"]
+
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found) if (p / "trainer_state.json").is_file()]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint `latest` points at, else the newest complete one, else None."""
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    if latest.is_symlink() or latest.is_dir():
+        target = latest.resolve()
+    elif latest.is_file():
+        target = latest.parent / latest.read_text().strip()
+    else:
+        target = None
+    if target is not None and (target / "trainer_state.json").is_file():
+        return target
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+# ---------------------------------------------------------------------------- RNG
+def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON-able python/numpy states, tensors for torch CPU/CUDA generators)."""
+    py = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"] = {**np_state["state"], "key": np_state["state"]["key"].tolist()}
+    json_state = {"python": [py[0], list(py[1]), py[2]], "numpy": np_state}
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    return json_state, tensors
+
+
+def restore_rng(json_state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    v, state, gauss = json_state["python"]
+    random.setstate((v, tuple(state), gauss))
+    np_state = json_state["numpy"]
+    np_state = {**np_state, "state": {**np_state["state"], "key": np.array(np_state["state"]["key"], dtype=np.uint32)}}
+    np.random.set_state(np_state)
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------------------- optimizer
+def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors, meta = {}, {"param_groups": []}
+    for group in optimizer.param_groups:
+        meta["param_groups"].append({k: v for k, v in group.items() if k != "params"}
+                                    | {"params": [names[id(p)] for p in group["params"]]})
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                t = value if torch.is_tensor(value) else torch.tensor(value)
+                tensors[f"{names[id(p)]}.{key}"] = t.detach().to("cpu").contiguous().reshape(t.shape)
+    return tensors, meta
+
+
+def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    """Rebuild torch's own optimizer state_dict (params by index) and let it restore devices."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    if [g["params"] for g in meta["param_groups"]] != current:
+        raise ValueError("optimizer checkpoint does not match the model's parameters; was the model changed?")
+    index = {name: i for i, name in enumerate(n for group in current for n in group)}
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        pname, sname = key.rsplit(".", 1)
+        per_param.setdefault(index[pname], {})[sname] = t
+    groups = [{**{k: tuple(v) if k == "betas" else v for k, v in g.items() if k != "params"},
+               "params": [index[n] for n in g["params"]]} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+
+
+# ---------------------------------------------------------------------------- save / load
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _point_latest(root: Path, name: str) -> None:
+    latest = root / "latest"
+    tmp = root / f".latest.tmp-{os.getpid()}"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(name, tmp)
+    except OSError:
+        tmp.write_text(name + "\n")  # no symlinks here: a file naming the folder
+    if latest.is_dir() and not latest.is_symlink():
+        shutil.rmtree(latest)
+    os.replace(tmp, latest)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, state: dict[str, Any],
+                    tokenizer=None, keep_last: int = 3) -> Path:
+    """Write RUN/checkpoints/step-N atomically, point `latest` at it, keep the last `keep_last`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp-{os.getpid()}"
+    for stale in root.glob(".step-*.tmp-*"):  # left by a process killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        save_pretrained(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        opt_tensors, opt_meta = _optimizer_tensors(model, optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng_json, rng_tensors = rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        _write_json(tmp / "trainer_state.json", {**state, "step": step, "optimizer": opt_meta, "rng": rng_json})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # re-saving a step (e.g. after a resume): swap atomically, then drop the old
+        old = root / f".step-{step}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _point_latest(root, final.name)
+    for stale in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        if stale != final:
+            shutil.rmtree(stale)
+    return final
+
+
+def load_checkpoint(ckpt: str | os.PathLike, model, optimizer=None) -> dict[str, Any]:
+    """Restore model weights (in place), optimizer moments and RNG from a checkpoint folder;
+    returns the trainer state dict (step, tokens, loader position, ...)."""
+    ckpt = Path(ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("tokens_per_expert")}
+    weights = load_hf_state_dict(model.config, iter_checkpoint_tensors(ckpt), expected)
+    model.load_state_dict(weights, strict=True)
+    if optimizer is not None:
+        _load_optimizer(model, optimizer, load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
+    restore_rng(state["rng"], load_file(str(ckpt / "rng.safetensors")))
+    return state

@@ -1,0 +1,55 @@
+"""AdamW with DeepSeek-V3's settings, and the learning-rate schedules.
+
+Weight decay (0.1) applies to matrices only: norms, the router bias (a buffer, never optimised)
+and other 1-D tensors are excluded, as is usual for transformer training. Betas (0.9, 0.95) as in
+the V3 report (section 4.2).
+
+Schedules are functions of the step (for linear warm-up) and of the budget progress p in [0, 1],
+the largest of steps/max_steps, tokens/max_tokens and elapsed/time_budget, so one schedule works
+for every kind of budget:
+    cosine: peak -> min_lr over p after warm-up
+    wsd:    warm-up, stable at peak, then linear decay to min_lr over the last `decay_fraction`
+            of the budget (warmup-stable-decay, as in MiniCPM and DeepSeek-V3's own schedule).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["build_optimizer", "lr_at"]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
+                    eps: float = 1e-8) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"fused": True} if all(p.is_cuda for p in decay + no_decay) else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
+
+
+def lr_at(step: int, progress: float, peak: float, warmup_steps: int, schedule: str = "cosine",
+          min_lr_ratio: float = 0.1, decay_fraction: float = 0.2) -> float:
+    """Learning rate for optimizer step `step` (0-based) at budget progress `progress`."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    p = min(max(progress, 0.0), 1.0)
+    floor = peak * min_lr_ratio
+    if schedule == "cosine":
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * p))
+    if schedule == "wsd":
+        start = 1.0 - decay_fraction
+        if p <= start:
+            return peak
+        return peak - (peak - floor) * (p - start) / max(decay_fraction, 1e-9)
+    if schedule == "constant":
+        return peak
+    raise ValueError(f"unknown schedule {schedule!r}; use cosine, wsd or constant")

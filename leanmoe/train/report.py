@@ -1,0 +1,207 @@
+"""report.md for a run: what it achieved, what it cost, how balanced the experts were.
+
+Every number comes from the run itself (metrics.jsonl, the trainer's counters) or from the cost
+model in leanmoe.train.cost, which is labelled as an estimate.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from leanmoe.train.cost import GPUS, estimate_cost, find_gpu
+
+if TYPE_CHECKING:
+    from leanmoe.train.trainer import Trainer, TrainResult
+
+__all__ = ["write_report", "read_metrics"]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def _plot_loss(records, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    loss = np.array([r["loss"] for r in records])
+    if not len(loss):
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, loss, lw=0.6, alpha=0.35, label="train loss (step)")
+    w = max(1, len(loss) // 50)
+    if w > 1:
+        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], smooth, lw=1.5, label=f"train loss ({w}-step mean)")
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", lw=1.5, label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _plot_load(records, path: Path, names: list[str]) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in records if r.get("load_max_over_mean")]
+    if not recs:
+        return False
+    arr = np.array([r["load_max_over_mean"] for r in recs])  # [steps, layers]
+    steps = [r["step"] for r in recs]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    w = max(1, len(steps) // 50)
+    for layer in range(arr.shape[1]):
+        y = np.convolve(arr[:, layer], np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], y, lw=1.2, label=names[layer] if layer < len(names) else f"MoE {layer}")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("max / mean tokens per expert")
+    ax.set_title("expert load balance per step" + (f" ({w}-step mean)" if w > 1 else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _moe_layer_names(cfg) -> list[str]:
+    names = [f"layer {i}" for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    names += [f"MTP {k + 1}" for k in range(cfg.num_nextn_predict_layers)
+              if cfg.is_moe_layer(cfg.num_hidden_layers + k)]
+    return names
+
+
+def write_report(trainer: Trainer, result: TrainResult, load_total: torch.Tensor | None,
+                 last_eval: dict[str, Any] | None) -> Path:
+    tc, cfg, run_dir = trainer.tc, trainer.cfg, trainer.run_dir
+    records = read_metrics(run_dir)
+    loss_png = _plot_loss(records, run_dir / "loss.png")
+    load_png = _plot_load(records, run_dir / "expert_load.png", _moe_layer_names(cfg))
+    fpt = cfg.flops_per_token(tc.seq_len)
+    train_flops = fpt * result.tokens
+    achieved = fpt * result.tokens_per_second  # FLOP/s at the median step speed
+    hours = result.elapsed / 3600
+    lines = [
+        f"# Training report: {run_dir.name}",
+        "",
+        f"Written {dt.datetime.now().isoformat(timespec='seconds')} by leanmoe; device: {_device_name(trainer.device)}; "
+        f"torch {torch.__version__}; dtype {tc.dtype}.",
+        "",
+        "## Model",
+        "",
+        "```",
+        cfg.summary(),
+        "```",
+        "",
+        "## Run",
+        "",
+        "| steps | tokens | wall time | median tokens/s | final train loss | val loss | val bits/byte |",
+        "|---|---|---|---|---|---|---|",
+        f"| {result.steps} | {result.tokens:,} | {_duration(result.elapsed)} | {result.tokens_per_second:,.0f} | "
+        f"{_f(result.final_loss)} | {_f(result.val_loss)} | {_f(result.val_bpb)} |",
+        "",
+        f"Batch {tc.batch_size} x {tc.seq_len} tokens, peak lr {tc.lr} ({tc.schedule}, {tc.warmup_steps} warm-up "
+        f"steps), data: {', '.join(tc.data) if tc.data else 'the Python standard library'}."
+        + (" The run was interrupted and can be resumed with `--resume`." if result.interrupted else ""),
+        "",
+    ]
+    if loss_png:
+        lines += ["![loss](loss.png)", ""]
+    lines += ["## Compute and cost", ""]
+    lines += [f"- Training FLOPs per token at sequence length {tc.seq_len}: {fpt:.3g} (6 x activated matmul "
+              "parameters + causal attention + MTP; see `ModelConfig.flops_per_token`).",
+              f"- Training FLOPs of this run: {train_flops:.3g}; achieved {achieved / 1e9:,.1f} GFLOP/s at the median "
+              "step speed."]
+    peak = trainer.peak_flops()
+    if peak:
+        gpu = find_gpu(tc.gpu or torch.cuda.get_device_name(trainer.device))
+        price = tc.price_per_hour if tc.price_per_hour is not None else gpu.price_per_hour
+        lines += [f"- MFU: {achieved / peak:.1%} of the {gpu.name.upper()}'s {peak / 1e12:.0f} TFLOP/s dense BF16 peak.",
+                  f"- GPU-hours: {hours:.3f}; cost at ${price:.2f}/GPU-hour: ${hours * price:.2f}."]
+    else:
+        what = "CPU" if trainer.device.type == "cpu" else trainer.device.type.upper()
+        lines.append(f"- MFU is not meaningful on the {what}: there is no tensor-core peak to compare against.")
+        if tc.price_per_hour is not None:
+            lines.append(f"- Device-hours: {hours:.3f}; cost at ${tc.price_per_hour:.2f}/hour: ${hours * tc.price_per_hour:.4f}.")
+        else:
+            lines.append(f"- Device-hours: {hours:.3f} (pass --price-per-hour to price them).")
+    ref = estimate_cost(cfg, max(result.tokens, 1), "h100", mfu=0.4, seq_len=tc.seq_len)
+    lines += [f"- Estimate, not a measurement: the same {result.tokens:,} tokens on an H100 at 40% MFU would take "
+              f"{ref.gpu_hours * 3600:.1f} GPU-seconds (${ref.cost_usd:.4f} at ${GPUS['h100'].price_per_hour:.2f}/hour).",
+              ""]
+
+    lines += ["## Expert load balance", ""]
+    if load_total is not None and load_total.numel():
+        names = _moe_layer_names(cfg)
+        per_step = np.array([r["load_max_over_mean"] for r in records if r.get("load_max_over_mean")])
+        lines += ["Tokens per routed expert, as max/mean (1.0 is perfect balance). 'Whole run' sums every step's "
+                  "counts; 'mean per step' averages each step's own ratio; 'last step' is the final one.", "",
+                  "| MoE layer | whole run | mean per step | last step | least-used expert share |",
+                  "|---|---|---|---|---|"]
+        for i, row in enumerate(load_total.float()):
+            mean = row.mean().clamp(min=1e-9)
+            mps = per_step[:, i].mean() if len(per_step) else float("nan")
+            last = per_step[-1, i] if len(per_step) else float("nan")
+            name = names[i] if i < len(names) else f"moe {i}"
+            lines.append(f"| {name} | {(row.max() / mean).item():.2f} | {mps:.2f} | {last:.2f} | "
+                         f"{(row.min() / row.sum().clamp(min=1e-9)).item():.2%} |")
+        lines.append("")
+        if load_png:
+            lines += ["![expert load](expert_load.png)", ""]
+    else:
+        lines += ["No MoE layers in this model.", ""]
+
+    if last_eval and last_eval.get("samples"):
+        lines += ["## Samples (last validation)", ""]
+        for s in last_eval["samples"]:
+            lines += ["```", s["prompt"] + s["completion"], "```", ""]
+    path = run_dir / "report.md"
+    tmp = path.with_name(".report.md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _f(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"

@@ -1,0 +1,517 @@
+"""The training loop: raw text in, a trained DeepSeek-style MoE, its tokenizer, checkpoints and a
+cost report out.
+
+One `Trainer` owns a run folder:
+
+    RUN/metrics.jsonl     one JSON object per logged step (step, loss, lr, tokens_per_second, ...);
+                          validation steps also carry val_loss and val_bpb
+    RUN/report.md         what the run cost and achieved, with plots (loss.png, expert_load.png)
+    RUN/tokenizer.json    (+ tokenizer_config.json)
+    RUN/checkpoints/step-N/, RUN/checkpoints/latest
+
+Each optimizer step: gradient-accumulated forward/backward of next-token + MTP + balance losses,
+gradient clipping, AdamW, then the aux-loss-free router-bias update from the step's expert loads.
+The budget (steps, tokens or wall-clock) drives the learning-rate schedule through its progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from leanmoe.config import ModelConfig
+from leanmoe.model import LatentCache, Transformer
+from leanmoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from leanmoe.train.config import TrainConfig
+from leanmoe.train.cost import find_gpu
+from leanmoe.train.optim import build_optimizer, lr_at
+
+__all__ = ["Trainer", "TrainResult", "TrainingError", "train"]
+
+
+class TrainingError(RuntimeError):
+    """A run cannot continue; the message says why and what to change. Checkpoints are kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    tokens: int
+    elapsed: float
+    final_loss: float | None
+    val_loss: float | None
+    val_bpb: float | None
+    tokens_per_second: float
+    checkpoint: Path | None
+    report: Path | None
+    interrupted: bool = False
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes free for this run on the device (None when unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def estimate_step_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, act_bytes: int = 4) -> int:
+    """A deliberately generous estimate of peak bytes for one micro-batch: weights, gradients and
+    two AdamW moments in fp32, plus the activations autograd keeps per token and layer (attention
+    projections and expanded heads, routed copies of each token, the vocabulary logits)."""
+    n = cfg.num_params()
+    params = n.total + n.mtp
+    d, h, f = cfg.hidden_size, cfg.num_attention_heads, cfg.moe_intermediate_size
+    k = cfg.num_experts_per_tok
+    per_layer = (6 * d + 4 * h * cfg.qk_head_dim + 2 * h * cfg.v_head_dim + 3 * cfg.latent_dim
+                 + max(3 * cfg.intermediate_size, k * (3 * d + 4 * f) + 4 * f * cfg.n_shared_experts))
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    per_token = layers * per_layer + 4 * cfg.vocab_size * (1 + cfg.num_nextn_predict_layers)
+    return int(16 * params + 1.5 * micro_batch * seq_len * per_token * act_bytes)
+
+
+def _fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Trainer:
+    """Build with a TrainConfig, then `train()`. See the module docstring for the run layout."""
+
+    def __init__(self, tc: TrainConfig):
+        self.tc = tc
+        self.device = resolve_device(tc.device)
+        self.run_dir: Path | None = None
+        self.model: Transformer | None = None
+        self.tokenizer = None
+        self.shards = None
+        self.start_state: dict[str, Any] | None = None
+        self._compiled_loss = None
+
+    # ------------------------------------------------------------------ setup
+    def _resolve_run_dir(self) -> Path:
+        tc = self.tc
+        if tc.out:
+            return Path(tc.out)
+        if tc.resume:
+            runs = sorted((p for p in Path("runs").glob("*") if latest_checkpoint(p)), key=lambda p: p.stat().st_mtime)
+            if not runs:
+                raise TrainingError("--resume: no run with a checkpoint under runs/; pass --out RUN_DIR")
+            return runs[-1]
+        return Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+    def _model_config(self) -> ModelConfig:
+        tc = self.tc
+        cfg = ModelConfig.from_pretrained(tc.config) if tc.config else ModelConfig.from_preset(tc.preset)
+        changes = {}
+        if tc.mtp_weight is not None:
+            changes["mtp_loss_weight"] = tc.mtp_weight
+        if tc.bias_update_speed is not None:
+            changes["bias_update_speed"] = tc.bias_update_speed
+        return cfg.replace(**changes) if changes else cfg
+
+    def _fill_defaults(self, cfg: ModelConfig) -> None:
+        """Device-dependent defaults for knobs left as None."""
+        tc, gpu = self.tc, self.device.type == "cuda"
+        if tc.seq_len is None:
+            tc.seq_len = min(2048 if gpu else 256, cfg.max_position_embeddings)
+        if tc.batch_size is None:
+            tc.batch_size = 32 if gpu else 16
+        if tc.micro_batch_size is None:
+            tc.micro_batch_size = tc.batch_size
+        if tc.lr is None:
+            # ~0.02/sqrt(hidden): 1.25e-3 for tiny, 2.4e-4 for V3's width (V3 used 2.2e-4)
+            tc.lr = round(0.02 / math.sqrt(cfg.hidden_size), 6)
+        if not tc.budget_given():
+            tc.time_budget = 600.0
+        if tc.warmup_steps is None:
+            tc.warmup_steps = max(1, min(100, int(0.05 * tc.max_steps))) if tc.max_steps else 50
+        if tc.eval_interval is None:
+            tc.eval_interval = max(1, min(100, tc.max_steps // 5)) if tc.max_steps else 100
+        if tc.save_interval is None:
+            tc.save_interval = 2 * tc.eval_interval
+        if tc.dtype == "auto":
+            tc.dtype = "bf16" if gpu else "fp32"
+        if tc.compile == "auto":
+            tc.compile = "on" if gpu else "off"
+
+    def _check(self, cfg: ModelConfig) -> None:
+        tc = self.tc
+        if tc.seq_len > cfg.max_position_embeddings:
+            raise TrainingError(
+                f"--seq-len {tc.seq_len} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings}); "
+                f"use --seq-len {cfg.max_position_embeddings} or less, or a config with longer positions")
+        if tc.seq_len < 2:
+            raise TrainingError(f"--seq-len must be at least 2, got {tc.seq_len}")
+        if tc.batch_size < 1 or tc.micro_batch_size < 1 or tc.batch_size % tc.micro_batch_size:
+            raise TrainingError(f"--batch-size {tc.batch_size} must be a positive multiple of --micro-batch-size "
+                                f"{tc.micro_batch_size}")
+        if tc.dtype not in ("fp32", "bf16"):
+            raise TrainingError(f"--dtype must be fp32 or bf16, got {tc.dtype!r}")
+        need = estimate_step_memory(cfg, tc.micro_batch_size, tc.seq_len)
+        have = _available_memory(self.device)
+        if have is not None and need > 0.9 * have:
+            raise TrainingError(
+                f"a micro-batch of {tc.micro_batch_size} x {tc.seq_len} tokens needs about {need / 2**30:.1f} GiB "
+                f"(weights, optimizer, activations) but only {have / 2**30:.1f} GiB is free on {self.device}; "
+                "lower --micro-batch-size (gradient accumulation keeps --batch-size) or --seq-len")
+
+    def setup(self) -> None:
+        from leanmoe.data.shards import build_shards
+        from leanmoe.data.sources import resolve_sources
+        from leanmoe.data.tokenizer import load_tokenizer, train_tokenizer
+
+        tc = self.tc
+        self.run_dir = run_dir = self._resolve_run_dir()
+        ckpt = None
+        if tc.resume:
+            ckpt = latest_checkpoint(run_dir)
+            if ckpt is None:
+                raise TrainingError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; nothing to resume")
+            saved = json.loads((ckpt / "trainer_state.json").read_text())
+            base = TrainConfig.from_dict(saved["train_config"])
+            for name in ("max_steps", "max_tokens", "time_budget", "eval_interval", "save_interval", "keep_last",
+                         "progress", "device", "compile", "price_per_hour", "gpu"):
+                value = getattr(tc, name)
+                if value is not None and value != getattr(TrainConfig, name, None):
+                    setattr(base, name, value)
+            base.out, base.resume = str(run_dir), True
+            self.tc = tc = base
+            self.device = resolve_device(tc.device)
+            cfg = ModelConfig.from_pretrained(ckpt)
+        else:
+            if run_dir.exists() and latest_checkpoint(run_dir) is not None:
+                raise TrainingError(f"{run_dir} already holds a run with checkpoints; pass --resume to continue it "
+                                    "or choose another --out")
+            cfg = self._model_config()
+            self._fill_defaults(cfg)
+        self._check(cfg)
+        self.cfg = cfg
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+        sources = resolve_sources(tc.data)
+        if ckpt is not None:
+            self.tokenizer = load_tokenizer(ckpt)
+        elif tc.tokenizer:
+            self.tokenizer = load_tokenizer(tc.tokenizer)
+        else:
+            from leanmoe.data.sources import empty_corpus_error, iter_documents
+
+            self._say(f"training a {cfg.vocab_size}-token byte-level BPE tokenizer on "
+                      f"{', '.join(s.describe() for s in sources)}")
+            docs = (d for d in iter_documents(sources, None, tc.val_fraction) if d.text)
+            first = next(docs, None)
+            if first is None:
+                raise empty_corpus_error(sources)
+            # fit on training documents only (the first one may be a validation document; it is
+            # only used to detect an empty corpus)
+            texts = (doc.text for doc in iter_documents(sources, "train", tc.val_fraction))
+            self.tokenizer = train_tokenizer(texts, cfg.vocab_size, show_progress=tc.progress)
+        if self.tokenizer.vocab_size > cfg.vocab_size:
+            raise TrainingError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
+                                f"{cfg.vocab_size}; use a smaller tokenizer or a config with vocab_size >= "
+                                f"{self.tokenizer.vocab_size}")
+        self.tokenizer.save(run_dir)
+        self.shards = build_shards(sources, self.tokenizer, val_fraction=tc.val_fraction, progress=tc.progress)
+        for split in ("train", "val"):
+            n = len(getattr(self.shards, split))
+            if n < tc.seq_len + 1:
+                raise TrainingError(f"the {split} split has {n} tokens, fewer than one window of --seq-len "
+                                    f"{tc.seq_len} + 1; add data or lower --seq-len")
+
+        torch.manual_seed(tc.seed)
+        self.model = Transformer(cfg).to(self.device).train()
+        self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
+        from leanmoe.data.shards import TokenLoader
+
+        self.loader = TokenLoader(self.shards.train, tc.micro_batch_size, tc.seq_len, seed=tc.seed)
+        self.start_state = {"step": 0, "tokens": 0, "elapsed": 0.0, "expert_load": None}
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, self.model, self.optimizer)
+            self.loader.load_state_dict(state["loader"])
+            self.start_state = state
+            self._truncate_metrics(state["step"])
+            self._say(f"resuming {run_dir} from {ckpt.name} (step {state['step']}, {state['tokens']:,} tokens)")
+        if tc.compile == "on":
+            self._compiled_loss = torch.compile(self.model.compute_loss)
+
+    # ------------------------------------------------------------------ helpers
+    def _say(self, msg: str) -> None:
+        if self.tc.progress:
+            print(f"[leanmoe] {msg}", flush=True)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines past the checkpoint being resumed (they will be recomputed)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+    def _autocast(self):
+        if self.tc.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _loss(self, x, y):
+        fn = self._compiled_loss or self.model.compute_loss
+        return fn(x, y)
+
+    def peak_flops(self) -> float | None:
+        """Dense BF16 peak of the device (None on CPU/MPS or an unknown GPU)."""
+        if self.device.type != "cuda":
+            return None
+        gpu = find_gpu(self.tc.gpu or torch.cuda.get_device_name(self.device))
+        return gpu.peak_flops("bf16") if gpu else None
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Validation loss (nats/token) and bits per byte over fixed windows, plus samples."""
+        from leanmoe.data.shards import eval_batches
+
+        tc, model = self.tc, self.model
+        model.eval()
+        token_bytes = torch.as_tensor(np.asarray(self.tokenizer.token_bytes()), device=self.device)
+        nats = bpb_nats = 0.0
+        count = n_bytes = 0
+        batches = list(eval_batches(self.shards.val, tc.micro_batch_size, tc.seq_len, tc.eval_batches))
+        for x, y in batches:
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            nats += loss.sum().item()
+            count += loss.numel()
+            b = token_bytes[y.flatten()]
+            bpb_nats += (loss * (b > 0)).sum().item()  # special tokens (0 bytes) are left out
+            n_bytes += int(b.sum().item())
+        samples = [self.sample(batches[0][0][i, :8].tolist(), seed=self.tc.seed + i)
+                   for i in range(min(3, batches[0][0].shape[0]))]
+        model.train()
+        return {"val_loss": nats / max(count, 1), "val_bpb": bpb_nats / math.log(2) / max(n_bytes, 1),
+                "samples": samples}
+
+    @torch.no_grad()
+    def sample(self, prompt: list[int], seed: int = 0, temperature: float = 0.8, top_k: int = 40) -> dict[str, str]:
+        """A short seeded completion through the latent cache (absorbed MLA decode)."""
+        model, n = self.model, self.tc.sample_tokens
+        cache = LatentCache(self.cfg, 1, len(prompt) + n, self.device, next(model.parameters()).dtype)
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.tensor([prompt], device=self.device)
+        out: list[int] = []
+        pos = 0
+        for _ in range(n):
+            logits = model(ids, position_ids=torch.arange(pos, pos + ids.shape[1], device=self.device)[None],
+                           backend=cache)[0, -1].float()
+            cache.advance(ids.shape[1])
+            pos += ids.shape[1]
+            top = logits.topk(min(top_k, logits.numel()))
+            probs = (top.values / temperature).softmax(-1).cpu()
+            nxt = int(top.indices[torch.multinomial(probs, 1, generator=gen)].item())
+            if nxt == self.tokenizer.eos_id:
+                break
+            out.append(nxt)
+            ids = torch.tensor([[nxt]], device=self.device)
+        return {"prompt": self.tokenizer.decode(prompt), "completion": self.tokenizer.decode(out)}
+
+    # ------------------------------------------------------------------ the loop
+    def _progress(self, step: int, tokens: int, elapsed: float) -> float:
+        tc = self.tc
+        p = [0.0]
+        if tc.max_steps:
+            p.append(step / tc.max_steps)
+        if tc.max_tokens:
+            p.append(tokens / tc.max_tokens)
+        if tc.time_budget:
+            p.append(elapsed / tc.time_budget)
+        return max(p)
+
+    def _state(self, step, tokens, elapsed, load_total) -> dict[str, Any]:
+        return {"tokens": tokens, "elapsed": elapsed, "loader": self.loader.state_dict(),
+                "train_config": self.tc.to_dict(), "expert_load": load_total.tolist() if load_total is not None else None,
+                "model_summary": self.cfg.summary(), "saved_at": dt.datetime.now().isoformat(timespec="seconds")}
+
+    def train(self, stop_after: int | None = None) -> TrainResult:
+        """Run until the budget is spent (or `stop_after` steps in this call, for tests)."""
+        if self.model is None:
+            self.setup()
+        tc, model, opt = self.tc, self.model, self.optimizer
+        st = self.start_state
+        step, tokens, elapsed0 = st["step"], st["tokens"], st["elapsed"]
+        load_total = torch.tensor(st["expert_load"]) if st.get("expert_load") else None
+        accum = tc.batch_size // tc.micro_batch_size
+        tokens_per_step = tc.batch_size * tc.seq_len
+        flops_per_token = self.cfg.flops_per_token(tc.seq_len)
+        peak = self.peak_flops()
+        metrics = open(self.run_dir / "metrics.jsonl", "a")
+        bar = self._progress_bar()
+        t_start = time.perf_counter()
+        last_ckpt = latest_checkpoint(self.run_dir)
+        last_loss = last_eval = None
+        interrupted = False
+        steps_this_call = 0
+        tps_history: list[float] = []
+        self._say(f"run folder {self.run_dir}; model: {self.cfg.summary().splitlines()[1]}")
+        self._say(f"device {self.device}, dtype {tc.dtype}, batch {tc.batch_size} x {tc.seq_len} tokens "
+                  f"({accum} micro-batches), lr {tc.lr}, budget: " + ", ".join(
+                      f"{k}={v}" for k, v in (("steps", tc.max_steps), ("tokens", tc.max_tokens),
+                                              ("seconds", tc.time_budget)) if v))
+        try:
+            while self._progress(step, tokens, elapsed0 + time.perf_counter() - t_start) < 1.0:
+                if stop_after is not None and steps_this_call >= stop_after:
+                    break
+                t0 = time.perf_counter()
+                lr = lr_at(step, self._progress(step, tokens, elapsed0 + t0 - t_start), tc.lr, tc.warmup_steps,
+                           tc.schedule, tc.min_lr_ratio, tc.decay_fraction)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                parts = torch.zeros(4, device=self.device)
+                for _ in range(accum):
+                    x, y = self.loader.next_batch()
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                    try:
+                        with self._autocast():
+                            out = self._loss(x, y)
+                        (out.loss / accum).backward()
+                    except (torch.OutOfMemoryError, RuntimeError) as e:
+                        if isinstance(e, torch.OutOfMemoryError) or "allocate" in str(e) or "out of memory" in str(e):
+                            raise TrainingError(
+                                f"out of memory at step {step + 1} with micro-batches of {tc.micro_batch_size} x "
+                                f"{tc.seq_len} tokens; lower --micro-batch-size (gradient accumulation keeps the "
+                                f"batch) or --seq-len. The last good checkpoint is {last_ckpt}") from e
+                        raise
+                    parts += torch.stack([out.loss, out.lm_loss, out.mtp_loss, out.aux_loss]).detach().float() / accum
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                loss, lm_loss, mtp_loss, aux_loss = parts.tolist()  # host sync: once per step, for logging
+                if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+                    what = "loss" if not math.isfinite(loss) else "gradient norm"
+                    raise TrainingError(
+                        f"the {what} became {loss if what == 'loss' else float(grad_norm)} at step {step + 1} "
+                        f"(lr {lr:.3g}); lower --lr (now {tc.lr}) or raise --warmup-steps (now {tc.warmup_steps}). "
+                        f"Nothing was saved from this step; the last good checkpoint is {last_ckpt}")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                load = model.update_router_bias()
+                load_total = load.cpu() if load_total is None else load_total + load.cpu()
+                step += 1
+                steps_this_call += 1
+                tokens += tokens_per_step
+                step_time = time.perf_counter() - t0
+                tps = tokens_per_step / step_time
+                tps_history.append(tps)
+                elapsed = elapsed0 + time.perf_counter() - t_start
+                last_loss = loss
+                mfu = flops_per_token * tps / peak if peak else None
+                rec: dict[str, Any] = {
+                    "step": step, "loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss, "aux_loss": aux_loss,
+                    "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_second": tps,
+                    "elapsed": elapsed, "mfu": mfu,
+                    "load_max_over_mean": (load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).tolist(),
+                }
+                final = self._progress(step, tokens, elapsed) >= 1.0 or (
+                    stop_after is not None and steps_this_call >= stop_after)
+                if step % tc.eval_interval == 0 or final:
+                    last_eval = self.evaluate()
+                    rec.update(val_loss=last_eval["val_loss"], val_bpb=last_eval["val_bpb"])
+                    self._log_eval(step, last_eval, bar)
+                if step % tc.log_interval == 0 or "val_loss" in rec:
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                if step % tc.save_interval == 0 or final:
+                    last_ckpt = save_checkpoint(self.run_dir, step, model, opt,
+                                                self._state(step, tokens, elapsed, load_total), self.tokenizer,
+                                                tc.keep_last)
+                self._update_bar(bar, step, tokens, lm_loss, tps, mfu, elapsed)
+        except KeyboardInterrupt:
+            interrupted = True
+            elapsed = elapsed0 + time.perf_counter() - t_start
+            if step > 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"-{step}")):
+                last_ckpt = save_checkpoint(self.run_dir, step, model, opt,
+                                            self._state(step, tokens, elapsed, load_total), self.tokenizer, tc.keep_last)
+            self._say(f"interrupted at step {step}; saved {last_ckpt}; continue with --resume --out {self.run_dir}")
+        finally:
+            metrics.close()
+            if bar is not None:
+                bar.close()
+        elapsed = elapsed0 + time.perf_counter() - t_start
+        tps_mean = float(np.median(tps_history)) if tps_history else 0.0
+        result = TrainResult(run_dir=self.run_dir, steps=step, tokens=tokens, elapsed=elapsed, final_loss=last_loss,
+                             val_loss=last_eval["val_loss"] if last_eval else None,
+                             val_bpb=last_eval["val_bpb"] if last_eval else None, tokens_per_second=tps_mean,
+                             checkpoint=last_ckpt, report=None, interrupted=interrupted)
+        if step > 0:
+            from leanmoe.train.report import write_report
+
+            result.report = write_report(self, result, load_total, last_eval)
+            self._say(f"done: {step} steps, {tokens:,} tokens in {_fmt_eta(elapsed)}; report {result.report}")
+        return result
+
+    # ------------------------------------------------------------------ display
+    def _progress_bar(self):
+        if not self.tc.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=1000, bar_format="{percentage:3.0f}%|{bar:20}| {desc}", dynamic_ncols=True)
+
+    def _update_bar(self, bar, step, tokens, loss, tps, mfu, elapsed) -> None:
+        if bar is None:
+            return
+        p = self._progress(step, tokens, elapsed)
+        bar.n = min(1000, int(p * 1000))
+        eta = elapsed * (1 - p) / p if p > 0 else float("inf")
+        mfu_s = f"{mfu:.1%}" if mfu is not None else "n/a (cpu)"
+        bar.set_description_str(f"step {step} | loss {loss:.3f} | {tps:,.0f} tok/s | MFU {mfu_s} | ETA {_fmt_eta(eta)}")
+
+    def _log_eval(self, step, ev, bar) -> None:
+        lines = [f"step {step}: val_loss {ev['val_loss']:.4f}, val_bpb {ev['val_bpb']:.4f}"]
+        for s in ev["samples"][:2]:
+            lines.append(f"  {s['prompt']!r} -> {s['completion'][:120]!r}")
+        if bar is not None:
+            for line in lines:
+                bar.write(line)
+        elif self.tc.progress:
+            print("\n".join(lines), flush=True)
+
+
+def train(tc: TrainConfig) -> TrainResult:
+    """Run a whole training job (the library function behind `leanmoe train`)."""
+    return Trainer(tc).train()
