@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/leanmoe info --preset tiny --forward
+	$(BIN)/leanmoe train
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

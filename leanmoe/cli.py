@@ -46,6 +46,7 @@ def cmd_train(args) -> int:
 
     tc = TrainConfig(
         preset=args.preset, config=args.config, data=args.data, tokenizer=args.tokenizer, out=args.out,
+        stream_limit=parse_count(args.stream_limit),
         max_steps=args.max_steps, max_tokens=parse_count(args.max_tokens) if args.max_tokens else None,
         time_budget=parse_duration(args.time_budget) if args.time_budget else None, seq_len=args.seq_len,
         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "library for ten minutes. Writes metrics.jsonl, report.md, tokenizer.json and checkpoints/ into --out."))
     _model_source_args(tr)
     tr.add_argument("--data", nargs="+", metavar="SRC", help="files, folders, globs, .jsonl/.parquet, hf:NAME[:CONFIG][@SPLIT]")
+    tr.add_argument("--stream-limit", default="1G", help="text read from each hf: source (default 1G bytes)")
     tr.add_argument("--tokenizer", help="reuse this tokenizer.json (or folder) instead of training one")
     tr.add_argument("--out", help="run folder (default runs/<timestamp>)")
     budget = tr.add_argument_group("budget (whichever ends first; default --time-budget 10m)")

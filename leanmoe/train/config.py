@@ -33,6 +33,7 @@ class TrainConfig:
     data: list[str] | None = None  # corpus sources; None: the Python standard library
     tokenizer: str | None = None  # reuse this tokenizer.json instead of training one
     val_fraction: float = 0.02
+    stream_limit: float = 1e9  # UTF-8 bytes read from each streamed (hf:) source
     out: str | None = None  # run folder; default runs/<timestamp>
 
     # budget: whichever ends first; none given -> time_budget of 10 minutes

@@ -224,7 +224,7 @@ class Trainer:
         self.cfg = cfg
         run_dir.mkdir(parents=True, exist_ok=True)
 
-        sources = resolve_sources(tc.data)
+        sources = resolve_sources(tc.data, stream_max_bytes=int(tc.stream_limit))
         if ckpt is not None:
             self.tokenizer = load_tokenizer(ckpt)
         elif tc.tokenizer:
