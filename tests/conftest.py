@@ -1,4 +1,9 @@
 import os
+
+# Triton kernels run under the CPU interpreter in the test suite, also on GPU machines: the
+# interpreter mode can only be chosen before triton is first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import random
 
 import numpy as np

@@ -17,14 +17,31 @@ otherwise every query sees all seqlen keys. Slots past a sequence's length are n
 padding may hold anything (tests fill it with NaN).
 
 `mla_decode_reference` is the obvious gather-and-softmax in fp32; `mla_decode` is the dispatch
-point every caller uses.
+point every caller uses (Triton on CUDA/ROCm tensors, the reference elsewhere; see
+leanmoe.kernels.fp8 for the rule and LEANMOE_TRITON_INTERPRET); `paged_mla_attend` is the call
+site an inference backend uses to run one MLA layer's absorbed attention over a paged cache.
+
+The Triton kernel is flash-decoding (split-KV): program (b, head tile, split) walks its share of
+sequence b's tokens through the block table BLOCK_N at a time, one online softmax in base 2,
+
+    s = scale log2(e) (q_nope . k_nope + q_pe . k_pe);  m' = max(m, max s);
+    l = l 2^(m - m') + sum 2^(s - m');  acc = acc 2^(m - m') + 2^(s - m') @ k_nope
+
+and writes acc / l and its log-sum-exp. A second kernel merges the splits:
+lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s. Splits are sized from each
+sequence's own length (loaded on the device: no host sync, CUDA-graph friendly), so variable
+lengths balance; every query row of a sequence shares its K tiles (MLA has one latent "head").
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["mla_decode", "mla_decode_reference"]
+from leanmoe.kernels.fp8 import _jit, cdiv, tl, use_triton
+
+__all__ = ["mla_decode", "mla_decode_reference", "mla_decode_triton", "paged_mla_attend"]
 
 
 def _check(q, kv_cache, block_table, cache_seqlens, head_dim_v):
@@ -65,9 +82,179 @@ def mla_decode_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     return out, lse
 
 
+# ---------------------------------------------------------------------- Triton kernels
+@_jit
+def _mla_decode_kernel(
+    q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_ptr, lse_ptr,
+    s_qb, s_qs, s_qh, s_kvb, s_kvt, s_btb, s_ob, s_or, s_os, s_lb, s_lr,
+    H_Q, S_Q, DV, DR, PAGE, scale_log2,
+    CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr,
+):
+    """Program (b, row tile, split): rows r = i * H_Q + h of sequence b over its split of keys.
+    Writes o [b, r, split, :DV] = softmax-weighted values of the split (fp32) and lse [b, r, split]
+    (natural log; -inf when the split holds no visible key)."""
+    b, pid_r, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_splits = tl.num_programs(2)
+    rows = pid_r * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_ok = rows < S_Q * H_Q
+    qi, qh = rows // H_Q, rows % H_Q
+    dv = tl.arange(0, BLOCK_DV)
+    dr = tl.arange(0, BLOCK_DR)
+    q_row = q_ptr + b.to(tl.int64) * s_qb + qi * s_qs + qh * s_qh
+    q_nope = tl.load(q_row[:, None] + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    q_pe = tl.load(q_row[:, None] + DV + dr[None, :], mask=row_ok[:, None] & (dr < DR)[None, :], other=0.0)
+    if DOT_F32:
+        q_nope, q_pe = q_nope.to(tl.float32), q_pe.to(tl.float32)
+
+    seqlen = tl.load(seqlens_ptr + b)
+    if CAUSAL:  # query i sits at position seqlen - S_Q + i and sees keys up to it
+        last = seqlen - S_Q + qi
+    else:
+        last = tl.zeros_like(qi) + seqlen - 1
+    chunk = tl.cdiv(tl.cdiv(seqlen, n_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seqlen)
+
+    m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_DV), tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        toks = n0 + tl.arange(0, BLOCK_N)
+        tok_ok = toks < end
+        # the block table maps token -> (block, slot); masked lanes read neither table nor cache
+        blk = tl.load(bt_ptr + b.to(tl.int64) * s_btb + toks // PAGE, mask=tok_ok, other=0)
+        kv_row = kv_ptr + blk.to(tl.int64) * s_kvb + (toks % PAGE) * s_kvt
+        k_nope = tl.load(kv_row[:, None] + dv[None, :], mask=tok_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        k_pe = tl.load(kv_row[:, None] + DV + dr[None, :], mask=tok_ok[:, None] & (dr < DR)[None, :], other=0.0)
+        if DOT_F32:
+            k_nope, k_pe = k_nope.to(tl.float32), k_pe.to(tl.float32)
+        s = tl.dot(q_nope, tl.trans(k_nope)) + tl.dot(q_pe, tl.trans(k_pe))  # [BLOCK_H, BLOCK_N]
+        visible = tok_ok[None, :] & (toks[None, :] <= last[:, None])
+        s = tl.where(visible, s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(k_nope.dtype), k_nope)
+        m_i = m_new
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o_ptrs = o_ptr + b.to(tl.int64) * s_ob + rows[:, None] * s_or + split * s_os + dv[None, :]
+    tl.store(o_ptrs, out, mask=row_ok[:, None] & (dv < DV)[None, :])
+    tl.store(lse_ptr + b.to(tl.int64) * s_lb + rows * s_lr + split, lse, mask=row_ok)
+
+
+@_jit
+def _mla_combine_kernel(o_part_ptr, lse_part_ptr, out_ptr, lse_ptr,
+                        s_pb, s_pr, s_ps, s_lpb, s_lpr, s_outb, s_outs, s_outh, s_lb, s_lh,
+                        H_Q, DV, N_SPLITS, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Program (b, r): merge the splits of one query row; lse goes to [b, h, i] (FlashMLA's)."""
+    b, r = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    sp = tl.arange(0, BLOCK_S)
+    dv = tl.arange(0, BLOCK_DV)
+    lse_s = tl.load(lse_part_ptr + b * s_lpb + r * s_lpr + sp, mask=sp < N_SPLITS, other=float("-inf"))
+    m = tl.max(lse_s, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)  # 0 for empty splits
+    total = tl.sum(w, axis=0)
+    o_s = tl.load(o_part_ptr + b * s_pb + r * s_pr + sp[:, None] * s_ps + dv[None, :],
+                  mask=(sp < N_SPLITS)[:, None] & (dv < DV)[None, :], other=0.0)
+    out = tl.sum(o_s * w[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    lse = tl.where(total > 0.0, m_safe + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
+    qi, qh = r // H_Q, r % H_Q
+    tl.store(out_ptr + b * s_outb + qi * s_outs + qh * s_outh + dv, out.to(out_ptr.dtype.element_ty), mask=dv < DV)
+    tl.store(lse_ptr + b * s_lb + qh * s_lh + qi, lse)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _num_splits(q: torch.Tensor, work_tiles: int, max_len: int, block_n: int) -> int:
+    """Enough (batch, head tile, split) programs to fill the GPU twice over, each split keeping at
+    least a few BLOCK_N steps. max_len is the static bound max_blocks * block_size (no sync)."""
+    units = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    by_occupancy = cdiv(2 * units, max(work_tiles, 1))
+    by_length = max(1, max_len // (4 * block_n))
+    return max(1, min(by_occupancy, by_length, 64))
+
+
+def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                      cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float | None = None,
+                      causal: bool = False, num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton launcher behind `mla_decode` (same contract); num_splits overrides the split-KV
+    heuristic. Needs q and kv_cache contiguous along d, int32 block_table and cache_seqlens."""
+    _check(q, kv_cache, block_table, cache_seqlens, head_dim_v)
+    if q.stride(-1) != 1 or kv_cache.stride(-1) != 1:
+        raise ValueError("mla_decode: q and kv_cache must be contiguous along the head dim")
+    if q.dtype != kv_cache.dtype or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"mla_decode: q and kv_cache must share a float dtype, got {q.dtype} and {kv_cache.dtype}")
+    block_table = block_table.to(torch.int32)
+    cache_seqlens = cache_seqlens.to(torch.int32)
+    if block_table.stride(-1) != 1:
+        block_table = block_table.contiguous()
+    b, s_q, h_q, d = q.shape
+    page = kv_cache.shape[1]
+    dr = d - head_dim_v
+    rows = s_q * h_q
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    on_gpu = q.is_cuda
+    # NOTE: untuned (no GPU when written). 32 query rows x 32 keys keeps the fp32 accumulator
+    # [32, 512] at 64 registers a thread with 8 warps; the interpreter prefers wide tiles.
+    block_h = max(16, min(32 if on_gpu else 64, _next_pow2(rows)))
+    block_n = 32 if on_gpu else 64
+    row_tiles = cdiv(rows, block_h)
+    if num_splits is None:
+        num_splits = _num_splits(q, b * row_tiles, block_table.shape[1] * page, block_n)
+    out = torch.empty(b, s_q, h_q, head_dim_v, device=q.device, dtype=q.dtype)
+    lse = torch.empty(b, h_q, s_q, device=q.device, dtype=torch.float32)
+    if b == 0 or rows == 0:
+        return out, lse
+    o_part = torch.empty(b, rows, num_splits, head_dim_v, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(b, rows, num_splits, device=q.device, dtype=torch.float32)
+    kv = kv_cache[:, :, 0]  # [n_blocks, bs, d]
+    _mla_decode_kernel[(b, row_tiles, num_splits)](
+        q, kv, block_table, cache_seqlens, o_part, lse_part,
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), block_table.stride(0),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        h_q, s_q, head_dim_v, dr, page, scale * math.log2(math.e),
+        CAUSAL=causal, DOT_F32=(not on_gpu) or q.dtype == torch.float32,
+        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DV=max(16, _next_pow2(head_dim_v)),
+        BLOCK_DR=max(16, _next_pow2(dr)), num_warps=8, num_stages=2)
+    _mla_combine_kernel[(b, rows)](
+        o_part, lse_part, out, lse, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), h_q, head_dim_v, num_splits,
+        BLOCK_S=max(2, _next_pow2(num_splits)), BLOCK_DV=_next_pow2(head_dim_v), num_warps=4)
+    return out, lse
+
+
+# ---------------------------------------------------------------------- dispatch and call site
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
                head_dim_v: int, softmax_scale: float | None = None, causal: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashMLA-compatible paged MLA decode (see the module docstring). -> (out [b, s_q, h_q, dv],
     lse [b, h_q, s_q] fp32)."""
+    if use_triton(q):
+        return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
     return mla_decode_reference(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
+
+
+def paged_mla_attend(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                     block_table: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
+    """One MLA layer's absorbed attention over a paged latent cache: what a paged
+    `AttentionBackend.attend` calls after writing this step's latents into `kv_cache`.
+
+    attn: the layer's `leanmoe.model.attention.MLA`; q_nope [B, T, H, N], q_pe [B, T, H, R]
+    (rotated); kv_cache [n_blocks, bs, 1, C + R] holding [c_kv ; k_pe] per token, this step's T
+    included; cache_seqlens [B] counts them. -> [B, T, H*V] (before o_proj), causal over the T new
+    tokens as `MLA.attend_absorbed`.
+    """
+    q = torch.cat([attn.absorb_q(q_nope), q_pe], dim=-1).to(kv_cache.dtype)  # [B, T, H, C + R]
+    o_lat, _ = mla_decode(q.contiguous(), kv_cache, block_table, cache_seqlens, attn.kv_lora_rank,
+                          softmax_scale=attn.scale, causal=True)
+    return attn.unabsorb_o(o_lat.to(q_nope.dtype))

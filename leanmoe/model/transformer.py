@@ -116,6 +116,10 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_weights()
+        if cfg.fp8:  # linear layers and experts train in fine-grained FP8 (V3 section 3.3)
+            from leanmoe.kernels.fp8_linear import convert_to_fp8  # lazy: `import leanmoe` stays triton-free
+
+            convert_to_fp8(self)
 
     # ------------------------------------------------------------------ structure
     @property

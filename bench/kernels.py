@@ -1,0 +1,189 @@
+"""Kernel throughput: leanmoe's FP8 GEMMs and MLA decode vs what a user would otherwise run.
+
+On a CUDA GPU (Triton kernels):
+  * FP8 GEMMs (normal, m-grouped contiguous, m-grouped masked) in TFLOPS, against torch.matmul in
+    bf16 (cuBLAS) and torch._scaled_mm (cuBLAS FP8, per-tensor scales) where it runs;
+    target on H100/H200: >= 1.5x bf16 at large shapes (2x is the hardware limit).
+  * mla_decode in GB/s (latent cache + q + out bytes over time), against gathering the paged
+    cache and calling torch's scaled_dot_product_attention; target: >= 70% of peak HBM bandwidth
+    (FlashMLA reports ~3000 GB/s on H800).
+Shapes are DeepSeek-V3's (DeepGEMM's and FlashMLA's own benchmark lists).
+
+Without a GPU it times the torch references on reduced shapes and says so: those numbers
+describe the CPU reference path, not the kernels.
+
+    python bench/kernels.py            # everything
+    python bench/kernels.py --only mla --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from leanmoe.kernels.fp8 import per_block_cast_to_fp8, per_token_cast_to_fp8
+from leanmoe.kernels.fp8_gemm import (contiguous_layout, fp8_gemm_nt, m_grouped_fp8_gemm_nt_contiguous,
+                                      m_grouped_fp8_gemm_nt_masked)
+from leanmoe.kernels.mla_decode import mla_decode
+
+# DeepGEMM's benchmark shapes: (M, N, K) of V3's dense projections at decode and prefill sizes
+DENSE = [(m, n, k) for m in (64, 128, 4096) for n, k in
+         ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))]
+GROUPED = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168), (8, 4096, 7168, 2048)]  # G, M/G, N, K
+MASKED = [(1, 1024, 4096, 7168), (2, 512, 7168, 2048), (4, 256, 4096, 7168), (16, 64, 7168, 2048)]  # G, M, N, K
+# FlashMLA's: batch, s_q, h_q (128 = V3 on one GPU), cache length, block 64, d = 576, dv = 512
+MLA = [(b, s_q, 128, 4096) for b in (64, 128) for s_q in (1, 2)] + [(128, 1, 16, 8192)]
+
+CPU_DENSE = [(16, 2112, 7168), (16, 7168, 2048), (128, 4096, 1024)]
+CPU_GROUPED = [(4, 128, 2048, 1024)]
+CPU_MASKED = [(4, 64, 2048, 1024)]
+CPU_MLA = [(4, 1, 16, 1024), (4, 2, 16, 1024)]
+
+
+def timer(fn, cuda: bool) -> float:
+    """Median seconds per call."""
+    if cuda:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100) / 1e3
+    fn()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print(f"\n{title}")
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+def _scaled_mm(a8: torch.Tensor, b8: torch.Tensor):
+    """torch._scaled_mm with per-tensor scales (cuBLAS FP8), or None where it does not run."""
+    one = torch.ones((), device=a8.device)
+    try:
+        torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    except (RuntimeError, AttributeError):
+        return None
+    return lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+
+def bench_dense(shapes, dev: str, cuda: bool) -> None:
+    rows = []
+    for m, n, k in shapes:
+        a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        qa, qb = per_token_cast_to_fp8(a), per_block_cast_to_fp8(b)
+        flops = 2 * m * n * k
+        t_fp8 = timer(lambda: fp8_gemm_nt(qa, qb), cuda)
+        t_bf16 = timer(lambda: a @ b.T, cuda)
+        sm = _scaled_mm(qa[0], qb[0]) if cuda else None
+        t_sm = timer(sm, cuda) if sm else None
+        rows.append([f"{m}x{n}x{k}", f"{flops / t_fp8 / 1e12:.3g}", f"{flops / t_bf16 / 1e12:.3g}",
+                     f"{flops / t_sm / 1e12:.3g}" if t_sm else "n/a", f"{t_bf16 / t_fp8:.2f}x",
+                     f"{t_sm / t_fp8:.2f}x" if t_sm else "n/a"])
+    table("fp8_gemm_nt (1x128 x 128x128 scales) vs bf16 matmul and per-tensor _scaled_mm",
+          ["MxNxK", "fp8 TFLOPS", "bf16 TFLOPS", "_scaled_mm", "vs bf16", "vs _scaled_mm"], rows)
+
+
+def bench_grouped(shapes, masked_shapes, dev: str, cuda: bool) -> None:
+    rows = []
+    for g, m_per, n, k in shapes:
+        m = g * m_per
+        offs = torch.arange(1, g + 1, device=dev, dtype=torch.int32) * m_per
+        pos, m_indices, _ = contiguous_layout(offs, m)
+        x = torch.randn(m_indices.shape[0], k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(g, n, k, device=dev, dtype=torch.bfloat16)
+        qx, qw = per_token_cast_to_fp8(x), per_block_cast_to_fp8(w)
+        flops = 2 * m * n * k
+        t_fp8 = timer(lambda: m_grouped_fp8_gemm_nt_contiguous(qx, qw, m_indices), cuda)
+        xb = x[: m].view(g, m_per, k)
+        t_bf16 = timer(lambda: torch.bmm(xb, w.transpose(1, 2)), cuda)  # equal groups: a batched matmul
+        rows.append([f"{g}x{m_per}x{n}x{k}", f"{flops / t_fp8 / 1e12:.3g}", f"{flops / t_bf16 / 1e12:.3g}",
+                     f"{t_bf16 / t_fp8:.2f}x"])
+    table("m_grouped_fp8_gemm_nt_contiguous vs bf16 bmm (equal groups)",
+          ["GxM/GxNxK", "fp8 TFLOPS", "bf16 TFLOPS", "vs bf16"], rows)
+    rows = []
+    for g, m, n, k in masked_shapes:
+        a = torch.randn(g, m, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(g, n, k, device=dev, dtype=torch.bfloat16)
+        qa = per_token_cast_to_fp8(a.view(g * m, k))
+        qa = (qa[0].view(g, m, k), qa[1].view(g, m, -1))
+        qw = per_block_cast_to_fp8(w)
+        masked_m = torch.full((g,), m, device=dev, dtype=torch.int32)
+        flops = 2 * g * m * n * k
+        t_fp8 = timer(lambda: m_grouped_fp8_gemm_nt_masked(qa, qw, masked_m, m), cuda)
+        t_bf16 = timer(lambda: torch.bmm(a, w.transpose(1, 2)), cuda)
+        rows.append([f"{g}x{m}x{n}x{k}", f"{flops / t_fp8 / 1e12:.3g}", f"{flops / t_bf16 / 1e12:.3g}",
+                     f"{t_bf16 / t_fp8:.2f}x"])
+    table("m_grouped_fp8_gemm_nt_masked (all rows valid) vs bf16 bmm",
+          ["GxMxNxK", "fp8 TFLOPS", "bf16 TFLOPS", "vs bf16"], rows)
+
+
+def _sdpa_paged(q, kv_cache, block_table, seqlens, dv, scale):
+    """The baseline: gather every sequence's cache into a padded tensor, then SDPA (one kv head)."""
+    b, s_q, h_q, d = q.shape
+    k = kv_cache[block_table.long(), :, 0].reshape(b, -1, d)  # [b, max_len, d]
+    mask = torch.arange(k.shape[1], device=q.device)[None, :] < seqlens[:, None]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k[:, None], k[:, None, :, :dv],
+                                       attn_mask=mask[:, None, None], scale=scale, enable_gqa=True)
+    return o.transpose(1, 2)
+
+
+def bench_mla(shapes, dev: str, cuda: bool) -> None:
+    d, dv, bs = 576, 512, 64
+    peak = None
+    if cuda:
+        props = torch.cuda.get_device_properties(dev)
+        if hasattr(props, "memory_clock_rate") and hasattr(props, "memory_bus_width"):
+            peak = 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8 / 1e9  # GB/s, DDR
+    rows = []
+    for b, s_q, h_q, s_k in shapes:
+        n_blocks = s_k // bs
+        kv = torch.randn(b * n_blocks, bs, 1, d, device=dev, dtype=torch.bfloat16)
+        block_table = torch.randperm(b * n_blocks, device=dev).view(b, n_blocks).to(torch.int32)
+        seqlens = torch.full((b,), s_k, device=dev, dtype=torch.int32)
+        q = torch.randn(b, s_q, h_q, d, device=dev, dtype=torch.bfloat16)
+        scale = d ** -0.5
+        nbytes = (b * s_k * d + q.numel() + b * s_q * h_q * dv) * 2
+        t = timer(lambda: mla_decode(q, kv, block_table, seqlens, dv, scale, causal=True), cuda)
+        t_ref = timer(lambda: _sdpa_paged(q, kv, block_table, seqlens, dv, scale), cuda)
+        gbs = nbytes / t / 1e9
+        rows.append([f"b={b} s_q={s_q} h_q={h_q} s_k={s_k}", f"{gbs:.3g}", f"{nbytes / t_ref / 1e9:.3g}",
+                     f"{t_ref / t:.2f}x", f"{100 * gbs / peak:.0f}%" if peak else "n/a"])
+    table("mla_decode (paged, bf16, d=576, dv=512, block 64) vs gather + SDPA",
+          ["shape", "GB/s", "SDPA GB/s", "vs SDPA", "of peak"], rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=["dense", "grouped", "mla"], help="run one group")
+    p.add_argument("--quick", action="store_true", help="first few shapes only")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    if cuda:
+        print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  (Triton kernels)")
+    else:
+        print("NO GPU: timing the torch CPU REFERENCES on reduced shapes. These numbers describe the\n"
+              "CPU reference path (dequantise + fp32 matmul, gather + softmax), not the Triton kernels.")
+    cut = (lambda s: s[:2]) if args.quick else (lambda s: s)
+    if args.only in (None, "dense"):
+        bench_dense(cut(DENSE if cuda else CPU_DENSE), dev, cuda)
+    if args.only in (None, "grouped"):
+        bench_grouped(cut(GROUPED if cuda else CPU_GROUPED), cut(MASKED if cuda else CPU_MASKED), dev, cuda)
+    if args.only in (None, "mla"):
+        bench_mla(cut(MLA if cuda else CPU_MLA), dev, cuda)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""FP8 GEMMs with DeepGEMM's semantics, a bf16 grouped GEMM, and their torch references.
+
+Shape legend: M rows of a (tokens), N rows of b (out features), K the reduction axis, G groups
+(experts), Kb = ceil(K / 128), Nb = ceil(N / 128). "nt": both operands are K-major, d = a @ b^T.
+
+    fp8_gemm_nt((a [M, K], sa [M, Kb]), (b [N, K], sb [Nb, Kb] or [N, Kb]))    -> d [M, N]
+    m_grouped_fp8_gemm_nt_contiguous((a [M, K], sa), (b [G, N, K], sb [G, Nb, Kb]), m_indices [M])
+        d[m] = a[m] @ b[m_indices[m]]^T; rows with m_indices = -1 are skipped (written as 0).
+        Each group's rows are contiguous and start at a multiple of 128
+        (`get_m_alignment_for_contiguous_layout()`): the MoE training / prefill layout.
+    m_grouped_fp8_gemm_nt_masked((a [G, M, K], sa [G, M, Kb]), (b [G, N, K], sb), masked_m [G])
+        d[g, :masked_m[g]] = a[g, :masked_m[g]] @ b[g]^T; later rows are 0. The decode layout.
+    k_grouped_fp8_gemm_nt_contiguous((a [M, T], sa [M, Tb]), (b [N, T], sb [N, Tb]), k_ends [G])
+        d[g] = a[:, k_lo:k_hi] @ b[:, k_lo:k_hi]^T with k_hi = k_ends[g]: the expert weight
+        gradient, tokens being the reduction axis; groups start at multiples of 128.
+    m_grouped_bf16_gemm_nt_contiguous(a [M, K], b [G, N, K], m_indices)   (no scales, any GPU)
+
+The math (DeepGEMM, and DeepSeek-V3 section 3.3.2 "increasing accumulation precision"): a is
+scaled per 1x128 tile, b per 128x128 block (or per 1x128 tile for the weight gradient), and the
+kernel walks K in 128-wide steps, promoting each step's partial product into an fp32
+accumulator with both scales applied:
+
+    acc[m, n] += (sum_{k in step} a8[m, k] b8[n, k]) * sa[m, step] * sb[n // 128, step]
+
+Output is bf16 unless `out_dtype` asks for fp32 (weight gradients). All of them share one Triton
+kernel (`_gemm_nt_kernel`, the mode a constexpr) behind one custom op (`leanmoe::gemm_nt`) so
+torch.compile sees one node; `_reference` (dequantise, matmul in fp32, loop over groups) is the
+CPU path and what the tests hold the kernel to. `grouped_mm_contiguous` / `grouped_mm_wgrad_
+contiguous` run leanmoe's `grouped_mm` contract (unpadded offsets) on the bf16 kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from leanmoe.kernels.fp8 import FP8_DTYPE, TILE, _jit, cdiv, per_block_dequant, per_token_dequant, tl, use_triton
+
+__all__ = ["fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
+           "k_grouped_fp8_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_contiguous", "k_grouped_gemm_nt_contiguous",
+           "get_m_alignment_for_contiguous_layout", "contiguous_layout", "grouped_mm_contiguous",
+           "grouped_mm_wgrad_contiguous", "calc_diff"]
+
+_PLAIN, _M_CONTIGUOUS, _M_MASKED, _K_GROUPED = 0, 1, 2, 3
+
+
+def get_m_alignment_for_contiguous_layout() -> int:
+    """Rows per group in the contiguous layouts are padded to a multiple of this (DeepGEMM's 128)."""
+    return TILE
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepGEMM's similarity test: 1 - 2 sum(x y) / sum(x^2 + y^2); 0 for identical tensors."""
+    x, y = x.double(), y.double()
+    denom = (x * x + y * y).sum()
+    return float(1 - 2 * (x * y).sum() / denom) if denom > 0 else 0.0
+
+
+# ---------------------------------------------------------------------- Triton kernel
+@_jit
+def _gemm_nt_kernel(
+    a_ptr, b_ptr, d_ptr, sa_ptr, sb_ptr, grp_ptr,
+    M, N, K,
+    s_ag, s_am, s_ak, s_bg, s_bn, s_bk, s_dg, s_dm, s_dn,
+    s_sag, s_sam, s_sak, s_sbg, s_sbn, s_sbk,
+    MODE: tl.constexpr,          # 0 plain, 1 m-grouped contiguous, 2 m-grouped masked, 3 k-grouped
+    SCALED: tl.constexpr,        # fp8 operands with per-128-step scales
+    SB_ROWS: tl.constexpr,       # rows of b sharing one scale: 128 (blocks) or 1 (1x128 tiles)
+    UPCAST: tl.constexpr,        # 0: tl.dot on the loaded dtype; 1: bf16; 2: fp32
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # tile order: GROUP_M row tiles share each column sweep, so b stays in L2 (standard swizzle)
+    pid = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * n_n)) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
+    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    k_lo, k_hi = 0, K
+    if MODE == 1:  # the tile's group: its rows hold one group id and maybe -1 padding
+        idx = tl.load(grp_ptr + rows, mask=row_ok, other=-1)
+        grp = tl.max(idx, axis=0)
+        row_ok = idx == grp
+        k_hi = tl.where(grp >= 0, K, 0)
+        g = tl.maximum(grp, 0).to(tl.int64)
+    if MODE == 2:
+        m_valid = tl.load(grp_ptr + g)
+        row_ok = rows < m_valid
+        k_hi = tl.where(pid_m * BLOCK_M < m_valid, K, 0)
+    if MODE == 3:
+        k_lo = tl.load(grp_ptr + g - 1, mask=g > 0, other=0)
+        k_hi = tl.load(grp_ptr + g)
+
+    col_ok = cols < N
+    ks = k_lo + tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + g * s_ag + rows[:, None].to(tl.int64) * s_am + ks[None, :] * s_ak  # [BM, BK]
+    b_ptrs = b_ptr + g * s_bg + cols[None, :].to(tl.int64) * s_bn + ks[:, None] * s_bk  # [BK, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k_ok = (k0 + tl.arange(0, BLOCK_K)) < k_hi
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        a_ptrs += BLOCK_K * s_ak
+        b_ptrs += BLOCK_K * s_bk
+        if UPCAST == 1:
+            a, b = a.to(tl.bfloat16), b.to(tl.bfloat16)
+        if UPCAST == 2:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        if SCALED:
+            kb = k0 // BLOCK_K  # BLOCK_K == 128: one scale column per step
+            sa = tl.load(sa_ptr + g * s_sag + rows * s_sam + kb * s_sak, mask=row_ok, other=0.0)
+            sb = tl.load(sb_ptr + g * s_sbg + (cols // SB_ROWS) * s_sbn + kb * s_sbk, mask=col_ok, other=0.0)
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        else:
+            acc = tl.dot(a, b, acc)
+
+    if MODE == 1 or MODE == 2:  # skipped rows are written as zeros
+        acc = tl.where(row_ok[:, None], acc, 0.0)
+        row_ok = rows < M
+    d_ptrs = d_ptr + g * s_dg + rows[:, None].to(tl.int64) * s_dm + cols[None, :] * s_dn
+    tl.store(d_ptrs, acc.to(d_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# NOTE: the interpreter pays per operation, not per element: wide tiles make it ~2x faster.
+_INTERPRETER_BLOCK_N = 512
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _upcast_mode(device_type: str, index: int | None, dtype: torch.dtype) -> int:
+    """How the kernel feeds tl.dot: fp8 MMA needs sm_89+ (Ada, Hopper, Blackwell); older NVIDIA
+    and ROCm GPUs get the (exact) fp8 -> bf16 upcast. NOTE: Triton 3.x's interpreter computes
+    bf16 tl.dot on raw bits, so on the CPU interpreter bf16 operands go through fp32 (exact too)."""
+    if device_type != "cuda":
+        return 2 if dtype == torch.bfloat16 or dtype == torch.float16 else 0
+    if dtype != FP8_DTYPE:
+        return 0
+    if torch.version.hip is not None or torch.cuda.get_device_capability(index) < (8, 9):
+        return 1
+    return 0
+
+
+def _launch(mode: int, a, sa, b, sb, grp, out: torch.Tensor, m: int, n: int, k: int, n_groups: int) -> None:
+    """Strides are read as 3-D ([group, row, col]); a 2-D operand gets group stride 0."""
+    def s3(t):
+        if t is None:
+            return 0, 0, 0
+        return (t.stride(0), t.stride(1), t.stride(2)) if t.dim() == 3 else (0, t.stride(0), t.stride(1))
+
+    scaled = sa is not None
+    sb_rows = 1 if scaled and sb.shape[-2] == n and n > 1 else TILE
+    # contiguous layout: a row tile must not straddle groups, so it is the 128-row alignment
+    block_m = 128 if mode == _M_CONTIGUOUS else max(16, min(128, _next_pow2(m)))
+    block_n = 128 if a.device.type == "cuda" else _INTERPRETER_BLOCK_N
+    block_k = TILE if scaled else 64  # one scale per 128-wide step; bf16 tiles are twice the bytes
+    # NOTE: untuned (no GPU was available when this was written): 128x128x128 tiles, 8 warps and
+    # 3 stages are the usual Hopper FP8 starting point; bench/kernels.py measures them.
+    grid = (cdiv(m, block_m) * cdiv(n, block_n), n_groups if mode in (_M_MASKED, _K_GROUPED) else 1)
+    _gemm_nt_kernel[grid](
+        a, b, out, sa if scaled else a, sb if scaled else b, grp if grp is not None else a,
+        m, n, k, *s3(a), *s3(b), *s3(out), *s3(sa), *s3(sb),
+        MODE=mode, SCALED=scaled, SB_ROWS=sb_rows, UPCAST=_upcast_mode(a.device.type, a.device.index, a.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+# ---------------------------------------------------------------------- torch reference
+def _dequant(x, s, per_block: bool) -> torch.Tensor:
+    if s is None:
+        return x.float()
+    return per_block_dequant(x, s) if per_block else per_token_dequant(x, s)
+
+
+def _reference(mode: int, a, sa, b, sb, grp, n_groups: int, out_dtype: torch.dtype) -> torch.Tensor:
+    n = b.shape[-2]
+    a32 = _dequant(a, sa, per_block=False)
+    b32 = _dequant(b, sb, per_block=sb is not None and not (sb.shape[-2] == n and n > 1))
+    if mode == _PLAIN:
+        return (a32 @ b32.T).to(out_dtype)
+    if mode == _M_MASKED:
+        valid = torch.arange(a.shape[1], device=a.device)[None, :] < grp[:, None]  # [G, M]
+        return (torch.bmm(a32, b32.transpose(1, 2)) * valid[..., None]).to(out_dtype)
+    if mode == _M_CONTIGUOUS:
+        out = a32.new_zeros(a.shape[0], n)
+        for g in range(b.shape[0]):
+            rows = (grp == g).nonzero().squeeze(1)  # host sync: reference only
+            if rows.numel():
+                out[rows] = a32[rows] @ b32[g].T
+        return out.to(out_dtype)
+    ends = grp.tolist()  # host sync: reference only
+    starts = [0] + ends[:-1]
+    return torch.stack([a32[:, s:e] @ b32[:, s:e].T for s, e in zip(starts, ends)]).to(out_dtype) \
+        if n_groups else a32.new_zeros(0, a.shape[0], n, dtype=out_dtype)
+
+
+# ---------------------------------------------------------------------- the one op
+def _out_shape(mode: int, a: torch.Tensor, b: torch.Tensor, n_groups: int) -> tuple[int, ...]:
+    n = b.shape[-2]
+    if mode == _M_MASKED:
+        return a.shape[0], a.shape[1], n
+    if mode == _K_GROUPED:
+        return n_groups, a.shape[0], n
+    return a.shape[0], n
+
+
+@torch.library.custom_op("leanmoe::gemm_nt", mutates_args=())
+def _gemm_nt_op(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor | None, sb: torch.Tensor | None,
+                grp: torch.Tensor | None, mode: int, n_groups: int, out_dtype: torch.dtype) -> torch.Tensor:
+    if not use_triton(a):
+        with torch.autocast(a.device.type, enabled=False):  # the emulation matmuls in fp32, always
+            return _reference(mode, a, sa, b, sb, grp, n_groups, out_dtype)
+    out = torch.empty(_out_shape(mode, a, b, n_groups), device=a.device, dtype=out_dtype)
+    m, k = a.shape[-2], a.shape[-1]
+    if out.numel():
+        _launch(mode, a, sa, b, sb, grp, out, m, b.shape[-2], k, n_groups)
+    return out
+
+
+@_gemm_nt_op.register_fake
+def _(a, b, sa, sb, grp, mode, n_groups, out_dtype):
+    return a.new_empty(_out_shape(mode, a, b, n_groups), dtype=out_dtype)
+
+
+def _check(name: str, a, sa, b, sb, a_dims: int, b_dims: int, sb_rows_ok: tuple[int, ...]) -> None:
+    """Shapes, dtypes and K-major layout of one call (DeepGEMM's contract)."""
+    if a.dim() != a_dims or b.dim() != b_dims or a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"{name}: a {tuple(a.shape)} and b {tuple(b.shape)} must be {a_dims}-D and {b_dims}-D "
+                         f"with the same K")
+    for t, what in ((a, "a"), (b, "b")):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"{name}: {what} must be K-major (stride 1 along K), got strides {t.stride()}")
+    if sa is None:
+        if a.dtype not in (torch.bfloat16, torch.float16, torch.float32) or b.dtype != a.dtype:
+            raise ValueError(f"{name}: a and b must share a float dtype, got {a.dtype} and {b.dtype}")
+        return
+    if a.dtype != FP8_DTYPE or b.dtype != FP8_DTYPE:
+        raise ValueError(f"{name}: a and b must be float8_e4m3fn, got {a.dtype} and {b.dtype}")
+    if sa.dtype != torch.float32 or sb.dtype != torch.float32:
+        raise ValueError(f"{name}: scales must be fp32")
+    kb = cdiv(a.shape[-1], TILE)
+    if tuple(sa.shape) != (*a.shape[:-1], kb):
+        raise ValueError(f"{name}: a scales must be {(*a.shape[:-1], kb)} (1x128 tiles), got {tuple(sa.shape)}")
+    if sb.shape[-1] != kb or sb.shape[-2] not in sb_rows_ok or sb.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"{name}: b scales must be [..., {' or '.join(map(str, sb_rows_ok))}, {kb}], "
+                         f"got {tuple(sb.shape)}")
+
+
+def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+                out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """d [M, N] = a @ b^T from fp8 operands: a = (a [M, K] e4m3, sa [M, Kb]); b = (b [N, K] e4m3,
+    sb [Nb, Kb] per 128x128 block, or [N, Kb] per 1x128 tile as for weight gradients)."""
+    (a8, sa), (b8, sb) = a, b
+    n = b8.shape[0]
+    _check("fp8_gemm_nt", a8, sa, b8, sb, 2, 2, (cdiv(n, TILE), n))
+    return _gemm_nt_op(a8, b8, sa, sb, None, _PLAIN, 1, out_dtype)
+
+
+def m_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+                                     m_indices: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """d [M, N]: d[m] = a[m] @ b[m_indices[m]]^T. a = (a [M, K], sa [M, Kb]), b = (b [G, N, K],
+    sb [G, Nb, Kb]); m_indices [M] int32, -1 for padding rows (their output is 0). Groups are
+    contiguous and 128-row aligned (see `contiguous_layout`)."""
+    (a8, sa), (b8, sb) = a, b
+    _check("m_grouped_fp8_gemm_nt_contiguous", a8, sa, b8, sb, 2, 3, (cdiv(b8.shape[1], TILE),))
+    _check_indices("m_grouped_fp8_gemm_nt_contiguous", m_indices, a8.shape[0])
+    return _gemm_nt_op(a8, b8, sa, sb, m_indices.to(torch.int32), _M_CONTIGUOUS, 1, out_dtype)
+
+
+def m_grouped_fp8_gemm_nt_masked(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+                                 masked_m: torch.Tensor, expected_m: int | None = None,
+                                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """d [G, M, N]: d[g, :masked_m[g]] = a[g, :masked_m[g]] @ b[g]^T, later rows 0. a = (a [G, M, K],
+    sa [G, M, Kb]), b = (b [G, N, K], sb [G, Nb, Kb]); masked_m [G] int32 stays on the device (no
+    host sync), so the call can be captured in a CUDA graph. expected_m is accepted for
+    DeepGEMM compatibility (a tile-size hint there; unused here)."""
+    (a8, sa), (b8, sb) = a, b
+    _check("m_grouped_fp8_gemm_nt_masked", a8, sa, b8, sb, 3, 3, (cdiv(b8.shape[1], TILE),))
+    if a8.shape[0] != b8.shape[0] or masked_m.shape != (b8.shape[0],):
+        raise ValueError(f"m_grouped_fp8_gemm_nt_masked: a {tuple(a8.shape)}, b {tuple(b8.shape)} and masked_m "
+                         f"{tuple(masked_m.shape)} must agree on G")
+    return _gemm_nt_op(a8, b8, sa, sb, masked_m.to(torch.int32), _M_MASKED, b8.shape[0], out_dtype)
+
+
+def k_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+                                     k_ends: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """d [G, M, N]: d[g] = a[:, Kg] @ b[:, Kg]^T over K ranges Kg = [k_ends[g-1], k_ends[g]).
+    a = (a [M, T], sa [M, Tb]), b = (b [N, T], sb [N, Tb]), both with 1x128 tiles along T; every
+    range starts at a multiple of 128. The weight gradient of grouped experts (T = tokens)."""
+    (a8, sa), (b8, sb) = a, b
+    _check("k_grouped_fp8_gemm_nt_contiguous", a8, sa, b8, sb, 2, 2, (b8.shape[0],))
+    if k_ends.dim() != 1:
+        raise ValueError("k_grouped_fp8_gemm_nt_contiguous: k_ends must be [G]")
+    return _gemm_nt_op(a8, b8, sa, sb, k_ends.to(torch.int32), _K_GROUPED, k_ends.shape[0], out_dtype)
+
+
+def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, m_indices: torch.Tensor) -> torch.Tensor:
+    """bf16 counterpart of m_grouped_fp8_gemm_nt_contiguous for GPUs without FP8: a [M, K],
+    b [G, N, K] (same dtype), m_indices [M] -> d [M, N] in a's dtype, fp32 accumulation."""
+    _check("m_grouped_bf16_gemm_nt_contiguous", a, None, b, None, 2, 3, ())
+    _check_indices("m_grouped_bf16_gemm_nt_contiguous", m_indices, a.shape[0])
+    return _gemm_nt_op(a, b, None, None, m_indices.to(torch.int32), _M_CONTIGUOUS, 1, a.dtype)
+
+
+def k_grouped_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, k_ends: torch.Tensor,
+                                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Unscaled counterpart of k_grouped_fp8_gemm_nt_contiguous (any range boundaries)."""
+    _check("k_grouped_gemm_nt_contiguous", a, None, b, None, 2, 2, ())
+    return _gemm_nt_op(a, b, None, None, k_ends.to(torch.int32), _K_GROUPED, k_ends.shape[0], out_dtype)
+
+
+def _check_indices(name: str, m_indices: torch.Tensor, m: int) -> None:
+    if m_indices.shape != (m,) or m_indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: m_indices must be an int tensor [{m}], got {tuple(m_indices.shape)} "
+                         f"{m_indices.dtype}")
+    if m % TILE:
+        raise ValueError(f"{name}: M={m} must be a multiple of {TILE} (pad each group; see contiguous_layout)")
+
+
+# ---------------------------------------------------------------------- the contiguous layout
+def contiguous_layout(offs: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From leanmoe's grouped layout (rows sorted by group, offs [G] inclusive ends, M rows) to
+    DeepGEMM's padded contiguous one, without a host sync: the padded row count is the static
+    bound M + 127 G rounded to 128 (trailing tiles are all -1, skipped by the kernel).
+
+    Returns pos [M] (where row i goes), m_indices [M_pad] (group per padded row, -1 = padding)
+    and k_ends [G] (inclusive padded group ends, the K ranges of the weight-gradient GEMM)."""
+    g = offs.shape[0]
+    ends = offs.long()
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    padded = (counts + TILE - 1) // TILE * TILE
+    pad_ends = padded.cumsum(0)
+    group = torch.repeat_interleave(torch.arange(g, device=offs.device), counts, output_size=m)
+    pos = torch.arange(m, device=offs.device) - (ends - counts)[group] + (pad_ends - padded)[group]
+    m_pad = cdiv(m + (TILE - 1) * g, TILE) * TILE
+    m_indices = torch.full((m_pad,), -1, dtype=torch.int32, device=offs.device)
+    m_indices[pos] = group.to(torch.int32)
+    return pos, m_indices, pad_ends.to(torch.int32)
+
+
+def grouped_mm_contiguous(x_MK: torch.Tensor, w_GKN: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """leanmoe.kernels.grouped_gemm's forward contract on the bf16 kernel: x [M, K] sorted by
+    group, w [G, K, N] (any strides), offs [G] inclusive ends -> y [M, N]. Rows are scattered into
+    the 128-aligned layout and gathered back; no host sync (a GPU without torch._grouped_mm)."""
+    pos, m_indices, _ = contiguous_layout(offs, x_MK.shape[0])
+    x_pad = x_MK.new_zeros(m_indices.shape[0], x_MK.shape[1]).index_copy_(0, pos, x_MK)
+    return m_grouped_bf16_gemm_nt_contiguous(x_pad, w_GKN.transpose(1, 2).contiguous(), m_indices)[pos]
+
+
+def grouped_mm_wgrad_contiguous(x_MK: torch.Tensor, dy_MN: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Its weight gradient dw[g] = x_g^T dy_g -> [G, K, N] in x's dtype (0 for empty groups). The
+    k-grouped kernel reduces over each group's rows directly: no padding needed."""
+    return k_grouped_gemm_nt_contiguous(x_MK.t().contiguous(), dy_MN.t().contiguous(), offs, out_dtype=x_MK.dtype)

@@ -1,0 +1,169 @@
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported: Triton kernels run on CPU
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leanmoe import LatentCache, Transformer
+from leanmoe.kernels import fp8
+from leanmoe.kernels.mla_decode import mla_decode, mla_decode_reference, mla_decode_triton, paged_mla_attend
+from tests.util import micro_config
+
+needs_triton = pytest.mark.skipif(fp8.triton is None, reason="triton is not installed")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # NOTE: these tests run many small ops; on a shared 2-core machine OpenMP's spin-waiting
+    # made 2 threads ~2x slower overall (20x for the training run). One thread is also deterministic.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+V3 = micro_config().replace(kv_lora_rank=512, qk_rope_head_dim=64)  # DeepSeek-V3's latent: 512 + 64
+MICRO = micro_config()  # 12 + 4
+
+
+def _case(b, s_q, h_q, cfg, block_size, lens, dtype=torch.bfloat16, shuffle=True):
+    """FlashMLA's test setup: a paged cache whose every slot outside a sequence holds NaN, so
+    any out-of-range read poisons the output."""
+    d, dv = cfg.latent_dim, cfg.kv_lora_rank
+    max_blocks = max(1, max(-(-n // block_size) for n in lens))
+    n_blocks = b * max_blocks + 2
+    order = torch.randperm(n_blocks) if shuffle else torch.arange(n_blocks)
+    block_table = order[: b * max_blocks].view(b, max_blocks).to(torch.int32)
+    kv = torch.randn(n_blocks, block_size, 1, d).to(dtype)
+    valid = torch.zeros(n_blocks, block_size, dtype=torch.bool)
+    for i, n in enumerate(lens):
+        for t in range(n):
+            valid[block_table[i, t // block_size], t % block_size] = True
+    kv[~valid] = float("nan")
+    q = torch.randn(b, s_q, h_q, d).to(dtype)
+    return q, kv, block_table, torch.tensor(lens, dtype=torch.int32), dv
+
+
+def _sdpa_reference(q, kv, block_table, seqlens, dv, scale, causal):
+    """FlashMLA's own test reference: gather, then scaled_dot_product_attention per sequence."""
+    b, s_q, h_q, d = q.shape
+    bs = kv.shape[1]
+    outs, lses = [], []
+    for i, n in enumerate(seqlens.tolist()):
+        k = kv[block_table[i, : -(-n // bs)].long(), :, 0].reshape(-1, d)[:n].float()
+        qi = q[i].float().transpose(0, 1)  # [h, s_q, d]
+        mask = None
+        if causal:
+            mask = torch.arange(n)[None, :] <= torch.arange(n - s_q, n)[:, None]
+        outs.append(F.scaled_dot_product_attention(qi, k[None], k[None, :, :dv], attn_mask=mask, scale=scale)
+                    .transpose(0, 1))
+        s = qi @ k.T * scale
+        lses.append(torch.logsumexp(s if mask is None else s.masked_fill(~mask, float("-inf")), dim=-1))
+    return torch.stack(outs), torch.stack(lses)
+
+
+def _assert_matches(out, lse, ref_out, ref_lse, dtype):
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    assert not out.isnan().any(), "read past a sequence (NaN padding leaked)"
+    torch.testing.assert_close(out.float(), ref_out.float(), **tol)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-4)
+
+
+def test_reference_matches_sdpa_and_is_fp32():
+    q, kv, bt, lens, dv = _case(3, 2, 4, MICRO, 5, [17, 3, 33], torch.float32)
+    scale = 0.3
+    for causal in (False, True):
+        out, lse = mla_decode_reference(q, kv, bt, lens, dv, scale, causal)
+        ref_out, ref_lse = _sdpa_reference(q, kv, bt, lens, dv, scale, causal)
+        _assert_matches(out, lse, ref_out, ref_lse, torch.float32)
+        assert lse.shape == (3, 4, 2) and lse.dtype == torch.float32
+
+
+@needs_triton
+@pytest.mark.parametrize("s_q", [1, 2])
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_deepseek_v3_latent(s_q, causal):
+    # d = 576, dv = 512 (from the config, not hard-coded), variable lengths, 64-token blocks
+    q, kv, bt, lens, dv = _case(2, s_q, 16, V3, 64, [100, 37])
+    assert (q.shape[-1], dv) == (576, 512)
+    out, lse = mla_decode_triton(q, kv, bt, lens, dv, causal=causal, num_splits=2)
+    assert out.shape == (2, s_q, 16, 512) and out.dtype == torch.bfloat16 and lse.shape == (2, 16, s_q)
+    _assert_matches(out, lse, *mla_decode_reference(q, kv, bt, lens, dv, causal=causal), torch.bfloat16)
+
+
+@needs_triton
+@pytest.mark.parametrize("block_size", [1, 5, 16])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("s_q,causal", [(1, False), (2, True), (3, True), (2, False)])
+def test_triton_any_block_size_split_and_length(block_size, num_splits, s_q, causal):
+    # lengths: empty, shorter than s_q (causal rows that see nothing: lse = -inf), ragged
+    lens = [0, 1, 19, 70]
+    q, kv, bt, seqlens, dv = _case(4, s_q, 4, MICRO, block_size, lens, torch.float32)
+    scale = 0.25
+    out, lse = mla_decode_triton(q, kv, bt, seqlens, dv, scale, causal, num_splits=num_splits)
+    _assert_matches(out, lse, *mla_decode_reference(q, kv, bt, seqlens, dv, scale, causal), torch.float32)
+
+
+@pytest.mark.slow
+@needs_triton
+def test_triton_long_context_split_kv():
+    q, kv, bt, lens, dv = _case(2, 1, 16, V3, 64, [1000, 333])
+    ref = mla_decode_reference(q, kv, bt, lens, dv)
+    for splits in (1, 7):
+        _assert_matches(*mla_decode_triton(q, kv, bt, lens, dv, num_splits=splits), *ref, torch.bfloat16)
+
+
+@needs_triton
+def test_dispatch(monkeypatch):
+    q, kv, bt, lens, dv = _case(2, 1, 4, MICRO, 16, [5, 40], torch.float32)
+    monkeypatch.delenv("LEANMOE_TRITON_INTERPRET", raising=False)
+    ref = mla_decode(q, kv, bt, lens, dv, causal=True)
+    monkeypatch.setenv("LEANMOE_TRITON_INTERPRET", "1")
+    out = mla_decode(q, kv, bt, lens, dv, causal=True)
+    _assert_matches(*out, *ref, torch.float32)
+    with pytest.raises(ValueError, match="share a float dtype"):
+        mla_decode(q.double(), kv.double(), bt, lens, dv)
+
+
+class PagedLatentBackend:
+    """A minimal paged latent cache: what an inference engine's decode backend does per layer."""
+
+    def __init__(self, cfg, batch, max_len, block_size):
+        n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+        per_seq = -(-max_len // block_size)
+        self.kv = torch.zeros(n_layers, batch * per_seq + 1, block_size, 1, cfg.latent_dim)
+        self.block_table = torch.randperm(batch * per_seq + 1)[: batch * per_seq].view(batch, per_seq).int()
+        self.block_size, self.length = block_size, 0
+
+    def attend(self, attn, q_nope, q_pe, kv_c, k_pe):
+        b, t = q_nope.shape[:2]
+        pos = torch.arange(self.length, self.length + t)
+        blocks = self.block_table[:, pos // self.block_size].long()  # [B, T]
+        self.kv[attn.layer_idx][blocks, pos % self.block_size, 0] = torch.cat([kv_c, k_pe], dim=-1)
+        seqlens = torch.full((b,), self.length + t, dtype=torch.int32)
+        return paged_mla_attend(attn, q_nope, q_pe, self.kv[attn.layer_idx], self.block_table, seqlens)
+
+
+@pytest.mark.parametrize("path", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_call_site_decodes_like_the_contiguous_cache(path, monkeypatch):
+    if path == "triton":
+        monkeypatch.setenv("LEANMOE_TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("LEANMOE_TRITON_INTERPRET", raising=False)
+    model = Transformer(MICRO).eval()
+    ids = torch.randint(0, MICRO.vocab_size, (2, 8))
+    paged, contiguous = PagedLatentBackend(MICRO, 2, 8, block_size=3), LatentCache(MICRO, 2, 8)
+    with torch.no_grad():
+        for start, stop in ((0, 5), (5, 6), (6, 8)):  # a 5-token prefill, a decode step, a 2-token verify
+            pos = torch.arange(start, stop)[None].expand(2, -1)
+            got = model(ids[:, start:stop], pos, backend=paged)
+            want = model(ids[:, start:stop], pos, backend=contiguous)
+            paged.length += stop - start
+            contiguous.advance(stop - start)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        full = model(ids)  # and both equal the uncached forward
+    torch.testing.assert_close(got, full[:, -2:], rtol=1e-4, atol=1e-4)
+    assert math.isfinite(got.sum().item())
