@@ -8,8 +8,9 @@ G groups (experts).
 `grouped_mm` is the one dispatch point. It is a `torch.library` custom op (with its own fake
 kernel and backward), so `torch.compile` treats it as one opaque node on every device. Inside,
 it runs `torch._grouped_mm` when that kernel supports the device, dtype and strides (probed once
-per device and dtype; it needs 16-byte-aligned strides), and otherwise a padded `bmm`, which
-needs one host sync to learn the largest group. `grouped_mm_reference` is the plain per-group
+per device and dtype; it needs 16-byte-aligned strides); else, on a GPU in bf16/fp16, leanmoe's
+Triton grouped GEMM (leanmoe.kernels.fp8_gemm, no host sync); else a padded `bmm`, which needs
+one host sync to learn the largest group. `grouped_mm_reference` is the plain per-group
 loop the tests hold both to.
 """
 
@@ -80,10 +81,23 @@ def _pad(x: torch.Tensor, group: torch.Tensor, row: torch.Tensor, n_groups: int,
     return out
 
 
+def _use_triton(x: torch.Tensor) -> bool:
+    """A GPU without a working torch._grouped_mm: leanmoe's Triton grouped GEMM (no host sync)."""
+    if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    from leanmoe.kernels.fp8 import use_triton
+
+    return use_triton(x)
+
+
 @torch.library.custom_op("leanmoe::grouped_mm", mutates_args=())
 def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     if _torch_grouped_mm_works(x.device.type, x.dtype) and _aligned(x, w):
         return torch._grouped_mm(x, w, offs=offs)
+    if _use_triton(x):
+        from leanmoe.kernels.fp8_gemm import grouped_mm_contiguous
+
+        return grouped_mm_contiguous(x, w, offs)
     group, row, cap = _group_layout(offs, x.shape[0])
     return torch.bmm(_pad(x, group, row, w.shape[0], cap), w)[group, row]
 
@@ -98,6 +112,10 @@ def _grouped_mm_wgrad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, n_g
     """dw[g] = x[rows of g]^T @ dy[rows of g]: [G, K, N] (zero for empty groups)."""
     if _torch_grouped_mm_works(x.device.type, x.dtype) and _aligned(x.t(), dy):
         return torch._grouped_mm(x.t(), dy, offs=offs)
+    if _use_triton(x):
+        from leanmoe.kernels.fp8_gemm import grouped_mm_wgrad_contiguous
+
+        return grouped_mm_wgrad_contiguous(x, dy, offs)
     group, row, cap = _group_layout(offs, x.shape[0])
     return torch.bmm(_pad(x, group, row, n_groups, cap).transpose(1, 2), _pad(dy, group, row, n_groups, cap))
 
