@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -38,8 +39,13 @@ def cmd_info(args) -> int:
 
 
 def cmd_train(args) -> int:
-    """Train a model from text (see leanmoe.train.trainer)."""
+    """Train a model from text (see leanmoe.train.trainer); --nproc N re-runs it under torchrun."""
+    if args.nproc is not None and args.nproc > 1:
+        from leanmoe.parallel.launch import relaunch
+
+        return relaunch(args.argv, args.nproc)
     from leanmoe.data.sources import DataError
+    from leanmoe.parallel.groups import ParallelConfig
     from leanmoe.train.config import TrainConfig, parse_duration
     from leanmoe.train.cost import parse_count
     from leanmoe.train.trainer import TrainingError, train
@@ -55,12 +61,17 @@ def cmd_train(args) -> int:
         dtype=args.dtype, compile=args.compile, resume=args.resume, mtp_weight=args.mtp_weight,
         price_per_hour=args.price_per_hour, gpu=args.gpu, progress=not args.quiet,
     )
+    pc = ParallelConfig(ep=args.ep, activation_checkpointing=args.activation_checkpointing,
+                        fp8_dispatch=args.fp8_dispatch, bf16_combine=args.bf16_combine)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 reports
     try:
-        result = train(tc)
+        result = train(tc, pc)
     except (TrainingError, DataError) as e:
-        print(f"leanmoe train: error: {e}", file=sys.stderr)
+        where = f" (rank {rank})" if rank else ""
+        print(f"leanmoe train{where}: error: {e}", file=sys.stderr)
         return 1
-    print(f"checkpoint: {result.checkpoint}\nreport:     {result.report}")
+    if rank == 0:
+        print(f"checkpoint: {result.checkpoint}\nreport:     {result.report}")
     return 130 if result.interrupted else 0
 
 
@@ -128,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--gpu", help="GPU type for the cost report (default: detected)")
     tr.add_argument("--price-per-hour", type=float, help="$ per device-hour for the cost report")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    dist = tr.add_argument_group("distributed (see docs/distributed.md)")
+    dist.add_argument("--nproc", type=int, help="run on N processes of this machine (re-runs the command under "
+                      "torchrun); across machines call torchrun --nproc-per-node N -m leanmoe train ...")
+    dist.add_argument("--ep", type=int, help="expert-parallel degree: experts split over this many ranks "
+                      "(divides the process count and n_routed_experts; default 1)")
+    dist.add_argument("--activation-checkpointing", action="store_true",
+                      help="recompute attention, MLPs and experts in backward to save memory")
+    dist.add_argument("--fp8-dispatch", action="store_true", help="send expert-parallel dispatch payloads as FP8")
+    dist.add_argument("--bf16-combine", action="store_true",
+                      help="send combine payloads and gradient all-to-alls as bf16")
     tr.set_defaults(func=cmd_train)
 
     co = sub.add_parser("cost", help="estimate the GPU-hours and dollars a training run takes")
@@ -147,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

@@ -12,6 +12,10 @@ Routing (DeepSeek-V3 section 2.1.2):
     times routed_scaling_factor.
 Balancing without an auxiliary loss: each step, b_i += gamma * sign(mean load - load_i). An
 optional sequence-wise balance loss (eq. 17-20) with a small alpha guards single sequences.
+
+Expert parallelism is applied from outside (leanmoe.parallel): it sets `MoE.dispatcher` and
+leaves only this rank's experts in `MoE.experts`; the routed path then becomes dispatch ->
+local grouped GEMM -> combine. This file never calls torch.distributed.
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """E SwiGLU experts held as stacked weights: gate_up_proj [E, 2F, D] (gate rows first, as
-    transformers v5 stores it) and down_proj [E, D, F]. Saved per expert in HF files."""
+    transformers v5 stores it) and down_proj [E, D, F]. Saved per expert in HF files. Under
+    expert parallelism (leanmoe.parallel) a rank's Experts holds only its E / ep experts."""
 
     def __init__(self, n_experts: int, dim: int, hidden: int):
         super().__init__()
@@ -112,17 +117,37 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts > 0 else None)
         # tokens routed to each expert since the last update_router_bias() (training only)
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+        # expert parallelism: an object with DeepEP's dispatch(x, topk_idx, topk_weights) ->
+        # (x, local topk_idx, topk_weights, per-local-expert counts, handle) and combine(y, handle),
+        # set by leanmoe.parallel (None: every expert is here)
+        self.dispatcher = None
 
     def routed(self, x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, topk_w_NK: torch.Tensor,
-               counts_E: torch.Tensor) -> torch.Tensor:
+               counts_E: torch.Tensor, n_copies: int | None = None) -> torch.Tensor:
         """Sort token copies by expert, run the grouped GEMMs, weight and sum back: [N, D].
-        counts_E [E] int32: how many token copies each expert receives."""
+        counts_E [E] int32: how many token copies each expert receives.
+
+        Under expert parallelism, ids of -1 name experts held by other ranks: they are skipped,
+        and n_copies (a host int, the number of ids >= 0, known from the dispatch) must be given."""
         n, k = topk_idx_NK.shape
-        order_M = topk_idx_NK.reshape(-1).argsort(stable=True)  # token copies grouped by expert
+        flat_M = topk_idx_NK.reshape(-1)
+        if n_copies is None:
+            order_M = flat_M.argsort(stable=True)  # token copies grouped by expert
+        else:  # ids of -1 sort last and are cut off
+            order_M = torch.where(flat_M < 0, self.experts.n_experts, flat_M).argsort(stable=True)[:n_copies]
         y_MD = self.experts(x_ND[order_M // k], counts_E.cumsum(0, dtype=torch.int32))
         # un-sort with a gather (deterministic, unlike index_add on GPU), then weight and sum
-        y_NKD = torch.empty_like(y_MD).index_copy(0, order_M, y_MD).view(n, k, -1)
+        y_buf = torch.empty_like(y_MD) if n_copies is None else y_MD.new_zeros(n * k, y_MD.shape[-1])
+        y_NKD = y_buf.index_copy(0, order_M, y_MD).view(n, k, y_MD.shape[-1])
         return torch.einsum("nkd,nk->nd", y_NKD, topk_w_NK.to(y_NKD.dtype))
+
+    def routed_parallel(self, x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, topk_w_NK: torch.Tensor) -> torch.Tensor:
+        """Expert parallelism (DeepEP's contract): tokens travel to the ranks holding their
+        experts, the local experts run, the outputs travel back and are summed: [N, D]."""
+        recv_x, recv_idx, recv_w, recv_counts, handle = self.dispatcher.dispatch(x_ND, topk_idx_NK, topk_w_NK)
+        counts = torch.tensor(recv_counts, dtype=torch.int32, device=x_ND.device)
+        y_RD = self.routed(recv_x, recv_idx, recv_w, counts, n_copies=sum(recv_counts))
+        return self.dispatcher.combine(y_RD, handle)
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, D] -> (y [B, T, D], sequence-wise balance loss or None)."""
@@ -130,7 +155,10 @@ class MoE(nn.Module):
         x_ND = x_BTD.reshape(-1, d)
         topk_idx_NK, topk_w_NK, scores_NE = self.gate(x_ND)
         counts_E = expert_counts(topk_idx_NK, self.n_experts)
-        y_ND = self.routed(x_ND, topk_idx_NK, topk_w_NK, counts_E)
+        if self.dispatcher is None:
+            y_ND = self.routed(x_ND, topk_idx_NK, topk_w_NK, counts_E)
+        else:
+            y_ND = self.routed_parallel(x_ND, topk_idx_NK, topk_w_NK)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
         aux = None

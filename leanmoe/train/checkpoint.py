@@ -14,6 +14,11 @@ Router biases travel in the model weights (`e_score_correction_bias`). A checkpo
 into a hidden temporary folder and renamed into place only when complete, so a crash at any
 moment leaves either the previous checkpoint set or the new one, never a half-written folder.
 Nothing is unpickled: tensors are safetensors, the rest JSON.
+
+A distributed run (a model transformed by leanmoe.parallel.parallelize) saves the same folder:
+every rank takes part in gathering full tensors (leanmoe.parallel.checkpoint), rank 0 writes.
+On load every rank reads the folder and keeps its own slices, so a run saved with N ranks
+resumes with any M (the run folder must be on a filesystem every node sees).
 """
 
 from __future__ import annotations
@@ -89,7 +94,9 @@ def restore_rng(json_state: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
 
 
 # ---------------------------------------------------------------------------- optimizer
-def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, full=None) -> tuple[dict, dict]:
+    """AdamW state keyed `{parameter name}.{state key}`. full(name, tensor, param) -> full tensor
+    or None: how a distributed model gathers its shards (None: the tensors are already full)."""
     names = {id(p): n for n, p in model.named_parameters()}
     tensors, meta = {}, {"param_groups": []}
     for group in optimizer.param_groups:
@@ -98,6 +105,10 @@ def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer)
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 t = value if torch.is_tensor(value) else torch.tensor(value)
+                if full is not None:
+                    t = full(names[id(p)], t, p)
+                    if t is None:  # not rank 0
+                        continue
                 tensors[f"{names[id(p)]}.{key}"] = t.detach().to("cpu").contiguous().reshape(t.shape)
     return tensors, meta
 
@@ -141,7 +152,49 @@ def _point_latest(root: Path, name: str) -> None:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, state: dict[str, Any],
                     tokenizer=None, keep_last: int = 3) -> Path:
-    """Write RUN/checkpoints/step-N atomically, point `latest` at it, keep the last `keep_last`."""
+    """Write RUN/checkpoints/step-N atomically, point `latest` at it, keep the last `keep_last`.
+    For a parallelized model, call it on every rank (rank 0 writes)."""
+    from leanmoe.parallel.checkpoint import is_parallel
+
+    if is_parallel(model):
+        return _save_parallel(run_dir, step, model, optimizer, state, tokenizer, keep_last)
+    return _write_checkpoint(run_dir, step, model, lambda: _optimizer_tensors(model, optimizer), state, tokenizer,
+                             keep_last)
+
+
+def _save_parallel(run_dir, step, model, optimizer, state, tokenizer, keep_last) -> Path:
+    """Gather full tensors on rank 0 (a collective), write there, tell every rank how it went."""
+    import torch.distributed as dist
+
+    from leanmoe.model.transformer import Transformer
+    from leanmoe.parallel.checkpoint import expert_parallel_params, full_model_state_dict, gather_full
+
+    weights = full_model_state_dict(model)
+    ep = expert_parallel_params(model)
+    opt = _optimizer_tensors(model, optimizer,
+                             full=lambda name, t, p: gather_full(t, ep.get(name), like_param=t.shape == p.shape))
+    path, error = Path(run_dir) / "checkpoints" / f"step-{step}", None
+    if dist.get_rank() == 0:
+        try:
+            with torch.device("meta"):
+                full = Transformer(model.config)
+            full.load_state_dict(weights, strict=True, assign=True)
+            if model.config.tie_word_embeddings:
+                full.lm_head.weight = full.model.embed_tokens.weight
+            path = _write_checkpoint(run_dir, step, full, lambda: opt, state, tokenizer, keep_last)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
+            error = e
+    ok = torch.tensor([0 if error else 1], dtype=torch.int64)
+    dist.broadcast(ok, 0)
+    if error is not None:
+        raise error
+    if not ok.item():
+        raise OSError(f"rank 0 failed to write checkpoint step-{step} (see its error); the last good one is kept")
+    return path
+
+
+def _write_checkpoint(run_dir, step: int, model, optimizer_tensors, state: dict[str, Any], tokenizer,
+                      keep_last: int) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -152,7 +205,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, sta
         save_pretrained(model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        opt_tensors, opt_meta = _optimizer_tensors(model, optimizer)
+        opt_tensors, opt_meta = optimizer_tensors()
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng_json, rng_tensors = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
@@ -177,12 +230,37 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, sta
 def load_checkpoint(ckpt: str | os.PathLike, model, optimizer=None) -> dict[str, Any]:
     """Restore model weights (in place), optimizer moments and RNG from a checkpoint folder;
     returns the trainer state dict (step, tokens, loader position, ...)."""
+    from leanmoe.parallel.checkpoint import is_parallel
+
     ckpt = Path(ckpt)
     state = json.loads((ckpt / "trainer_state.json").read_text())
+    if is_parallel(model):
+        return _load_parallel(ckpt, state, model, optimizer)
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("tokens_per_expert")}
     weights = load_hf_state_dict(model.config, iter_checkpoint_tensors(ckpt), expected)
     model.load_state_dict(weights, strict=True)
     if optimizer is not None:
         _load_optimizer(model, optimizer, load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
+    restore_rng(state["rng"], load_file(str(ckpt / "rng.safetensors")))
+    return state
+
+
+def _load_parallel(ckpt: Path, state: dict[str, Any], model, optimizer) -> dict[str, Any]:
+    """Every rank reads the full checkpoint and keeps its slices (no communication)."""
+    from leanmoe.model.transformer import Transformer
+    from leanmoe.parallel.checkpoint import expert_parallel_params, load_full_model_state_dict, local_shard
+
+    with torch.device("meta"):  # full single-device shapes, whatever the sharding
+        expected = {k: v.shape for k, v in Transformer(model.config).state_dict().items()
+                    if not k.endswith("tokens_per_expert")}
+    load_full_model_state_dict(model, load_hf_state_dict(model.config, iter_checkpoint_tensors(ckpt), expected))
+    if optimizer is not None:
+        params = dict(model.named_parameters())
+        ep = expert_parallel_params(model)
+        tensors = {}
+        for key, t in load_file(str(ckpt / "optimizer.safetensors")).items():
+            pname = key.rsplit(".", 1)[0]
+            tensors[key] = local_shard(t, params[pname], ep.get(pname), dtype=t.dtype)
+        _load_optimizer(model, optimizer, tensors, state["optimizer"])
     restore_rng(state["rng"], load_file(str(ckpt / "rng.safetensors")))
     return state

@@ -116,8 +116,9 @@ def write_report(trainer: Trainer, result: TrainResult, load_total: torch.Tensor
     load_png = _plot_load(records, run_dir / "expert_load.png", _moe_layer_names(cfg))
     fpt = cfg.flops_per_token(tc.seq_len)
     train_flops = fpt * result.tokens
-    achieved = fpt * result.tokens_per_second  # FLOP/s at the median step speed
-    hours = result.elapsed / 3600
+    achieved = fpt * result.tokens_per_second  # FLOP/s at the median step speed, all devices together
+    n_dev = trainer.world
+    hours = result.elapsed / 3600 * n_dev  # device-hours
     lines = [
         f"# Training report: {run_dir.name}",
         "",
@@ -153,7 +154,8 @@ def write_report(trainer: Trainer, result: TrainResult, load_total: torch.Tensor
     if peak:
         gpu = find_gpu(tc.gpu or torch.cuda.get_device_name(trainer.device))
         price = tc.price_per_hour if tc.price_per_hour is not None else gpu.price_per_hour
-        lines += [f"- MFU: {achieved / peak:.1%} of the {gpu.name.upper()}'s {peak / 1e12:.0f} TFLOP/s dense BF16 peak.",
+        lines += [f"- MFU: {achieved / (peak * n_dev):.1%} of {n_dev} x {gpu.name.upper()} at "
+                  f"{peak / 1e12:.0f} TFLOP/s dense BF16 peak each.",
                   f"- GPU-hours: {hours:.3f}; cost at ${price:.2f}/GPU-hour: ${hours * price:.2f}."]
     else:
         what = "CPU" if trainer.device.type == "cpu" else trainer.device.type.upper()

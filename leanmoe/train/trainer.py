@@ -12,6 +12,13 @@ One `Trainer` owns a run folder:
 Each optimizer step: gradient-accumulated forward/backward of next-token + MTP + balance losses,
 gradient clipping, AdamW, then the aux-loss-free router-bias update from the step's expert loads.
 The budget (steps, tokens or wall-clock) drives the learning-rate schedule through its progress.
+
+Launched by torchrun (WORLD_SIZE > 1) the same loop runs distributed (leanmoe.parallel): the
+model is parallelized (expert parallelism over --ep ranks, FSDP2 over all), --batch-size is the
+global batch and each rank draws its own share of it; losses, expert loads, gradient norms and
+evaluation sums are reduced across ranks so every rank takes the same decisions (and holds the
+same router biases); the clock that budgets and schedules use is rank 0's; only rank 0 prints,
+writes metrics, the report and checkpoint files (every rank helps gather the full checkpoint).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch.nn.functional as F
 
 from leanmoe.config import ModelConfig
 from leanmoe.model import LatentCache, Transformer
+from leanmoe.parallel.groups import ParallelConfig
 from leanmoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from leanmoe.train.config import TrainConfig
 from leanmoe.train.cost import find_gpu
@@ -87,10 +95,12 @@ def _available_memory(device: torch.device) -> int | None:
     return None
 
 
-def estimate_step_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, act_bytes: int = 4) -> int:
+def estimate_step_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, act_bytes: int = 4,
+                         world_size: int = 1) -> int:
     """A deliberately generous estimate of peak bytes for one micro-batch: weights, gradients and
-    two AdamW moments in fp32, plus the activations autograd keeps per token and layer (attention
-    projections and expanded heads, routed copies of each token, the vocabulary logits)."""
+    two AdamW moments in fp32 (sharded over `world_size` ranks), plus the activations autograd
+    keeps per token and layer (attention projections and expanded heads, routed copies of each
+    token, the vocabulary logits)."""
     n = cfg.num_params()
     params = n.total + n.mtp
     d, h, f = cfg.hidden_size, cfg.num_attention_heads, cfg.moe_intermediate_size
@@ -99,7 +109,7 @@ def estimate_step_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, act_b
                  + max(3 * cfg.intermediate_size, k * (3 * d + 4 * f) + 4 * f * cfg.n_shared_experts))
     layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
     per_token = layers * per_layer + 4 * cfg.vocab_size * (1 + cfg.num_nextn_predict_layers)
-    return int(16 * params + 1.5 * micro_batch * seq_len * per_token * act_bytes)
+    return int(16 * params / world_size + 1.5 * micro_batch * seq_len * per_token * act_bytes)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -111,11 +121,16 @@ def _fmt_eta(seconds: float) -> str:
 
 
 class Trainer:
-    """Build with a TrainConfig, then `train()`. See the module docstring for the run layout."""
+    """Build with a TrainConfig (and a ParallelConfig for distributed launches), then `train()`.
+    See the module docstring for the run layout."""
 
-    def __init__(self, tc: TrainConfig):
+    def __init__(self, tc: TrainConfig, pc: ParallelConfig | None = None):
         self.tc = tc
+        self.pc = pc or ParallelConfig()
         self.device = resolve_device(tc.device)
+        self.rank, self.world = 0, 1  # set by setup() under torchrun
+        self.dims = None  # leanmoe.parallel.ParallelDims of a distributed run
+        self._owns_process_group = False
         self.run_dir: Path | None = None
         self.model: Transformer | None = None
         self.tokenizer = None
@@ -151,9 +166,9 @@ class Trainer:
         if tc.seq_len is None:
             tc.seq_len = min(2048 if gpu else 256, cfg.max_position_embeddings)
         if tc.batch_size is None:
-            tc.batch_size = 32 if gpu else 16
+            tc.batch_size = (32 if gpu else 16) * self.world  # the global batch
         if tc.micro_batch_size is None:
-            tc.micro_batch_size = tc.batch_size
+            tc.micro_batch_size = max(1, tc.batch_size // self.world)  # per rank
         if tc.lr is None:
             # ~0.02/sqrt(hidden): 1.25e-3 for tiny, 2.4e-4 for V3's width (V3 used 2.2e-4)
             tc.lr = round(0.02 / math.sqrt(cfg.hidden_size), 6)
@@ -178,12 +193,12 @@ class Trainer:
                 f"use --seq-len {cfg.max_position_embeddings} or less, or a config with longer positions")
         if tc.seq_len < 2:
             raise TrainingError(f"--seq-len must be at least 2, got {tc.seq_len}")
-        if tc.batch_size < 1 or tc.micro_batch_size < 1 or tc.batch_size % tc.micro_batch_size:
+        if tc.batch_size < 1 or tc.micro_batch_size < 1 or tc.batch_size % (tc.micro_batch_size * self.world):
             raise TrainingError(f"--batch-size {tc.batch_size} must be a positive multiple of --micro-batch-size "
-                                f"{tc.micro_batch_size}")
+                                f"{tc.micro_batch_size}" + (f" x {self.world} processes" if self.world > 1 else ""))
         if tc.dtype not in ("fp32", "bf16"):
             raise TrainingError(f"--dtype must be fp32 or bf16, got {tc.dtype!r}")
-        need = estimate_step_memory(cfg, tc.micro_batch_size, tc.seq_len)
+        need = estimate_step_memory(cfg, tc.micro_batch_size, tc.seq_len, world_size=self.world)
         have = _available_memory(self.device)
         if have is not None and need > 0.9 * have:
             raise TrainingError(
@@ -192,13 +207,11 @@ class Trainer:
                 "lower --micro-batch-size (gradient accumulation keeps --batch-size) or --seq-len")
 
     def setup(self) -> None:
-        from leanmoe.data.shards import build_shards
-        from leanmoe.data.sources import resolve_sources
-        from leanmoe.data.tokenizer import load_tokenizer, train_tokenizer
-
         tc = self.tc
-        self.run_dir = run_dir = self._resolve_run_dir()
+        self._init_distributed()
+        self.run_dir = run_dir = self._agree_on_run_dir()
         ckpt = None
+        saved_parallel: dict[str, Any] = {}
         if tc.resume:
             ckpt = latest_checkpoint(run_dir)
             if ckpt is None:
@@ -212,8 +225,10 @@ class Trainer:
                     setattr(base, name, value)
             base.out, base.resume = str(run_dir), True
             self.tc = tc = base
-            self.device = resolve_device(tc.device)
+            self.device = self._local_device(resolve_device(tc.device))
             cfg = ModelConfig.from_pretrained(ckpt)
+            saved_parallel = saved.get("parallel") or {}
+            self._fit_micro_batch()
         else:
             if run_dir.exists() and latest_checkpoint(run_dir) is not None:
                 raise TrainingError(f"{run_dir} already holds a run with checkpoints; pass --resume to continue it "
@@ -222,13 +237,49 @@ class Trainer:
             self._fill_defaults(cfg)
         self._check(cfg)
         self.cfg = cfg
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self._build_dims(cfg, saved_parallel)
+        if self.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        if self.world > 1:  # rank 0 trains the tokenizer and builds the shard cache; the others reuse them
+            self._rank0_first(lambda: self._prepare_data(cfg, ckpt))
+        else:
+            self._prepare_data(cfg, ckpt)
 
+        torch.manual_seed(tc.seed)
+        self.model = self._build_model(cfg).train()
+        self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
+        from leanmoe.data.shards import TokenLoader
+
+        self.loader = TokenLoader(self.shards.train, tc.micro_batch_size, tc.seq_len, seed=tc.seed, rank=self.rank,
+                                  world_size=self.world)
+        self.start_state = {"step": 0, "tokens": 0, "elapsed": 0.0, "expert_load": None}
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, self.model, self.optimizer)
+            self.loader.load_state_dict(state["loader"])
+            self.start_state = state
+            if self.rank == 0:
+                self._truncate_metrics(state["step"])
+            self._say(f"resuming {run_dir} from {ckpt.name} (step {state['step']}, {state['tokens']:,} tokens)")
+        if tc.compile == "on":
+            if self.world > 1:
+                self._say("torch.compile is not applied to distributed runs yet; running eagerly")
+            else:
+                self._compiled_loss = torch.compile(self.model.compute_loss)
+
+    def _prepare_data(self, cfg: ModelConfig, ckpt: Path | None) -> None:
+        """Tokenizer (from the checkpoint, --tokenizer, or trained here) and token shards."""
+        from leanmoe.data.shards import build_shards
+        from leanmoe.data.sources import resolve_sources
+        from leanmoe.data.tokenizer import load_tokenizer, train_tokenizer
+
+        tc, run_dir = self.tc, self.run_dir
         sources = resolve_sources(tc.data, stream_max_bytes=int(tc.stream_limit))
         if ckpt is not None:
             self.tokenizer = load_tokenizer(ckpt)
         elif tc.tokenizer:
             self.tokenizer = load_tokenizer(tc.tokenizer)
+        elif self.rank > 0:
+            self.tokenizer = load_tokenizer(run_dir)  # the one rank 0 just trained and saved
         else:
             from leanmoe.data.sources import empty_corpus_error, iter_documents
 
@@ -246,33 +297,136 @@ class Trainer:
             raise TrainingError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
                                 f"{cfg.vocab_size}; use a smaller tokenizer or a config with vocab_size >= "
                                 f"{self.tokenizer.vocab_size}")
-        self.tokenizer.save(run_dir)
-        self.shards = build_shards(sources, self.tokenizer, val_fraction=tc.val_fraction, progress=tc.progress)
+        if self.rank == 0:
+            self.tokenizer.save(run_dir)
+        self.shards = build_shards(sources, self.tokenizer, val_fraction=tc.val_fraction,
+                                   progress=tc.progress and self.rank == 0)
         for split in ("train", "val"):
             n = len(getattr(self.shards, split))
             if n < tc.seq_len + 1:
                 raise TrainingError(f"the {split} split has {n} tokens, fewer than one window of --seq-len "
                                     f"{tc.seq_len} + 1; add data or lower --seq-len")
 
-        torch.manual_seed(tc.seed)
-        self.model = Transformer(cfg).to(self.device).train()
-        self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
-        from leanmoe.data.shards import TokenLoader
+    def _build_model(self, cfg: ModelConfig) -> Transformer:
+        """The model on its device; parallelized (EP, FSDP2, checkpointing) in a distributed run."""
+        model = Transformer(cfg)
+        pc = self.pc
+        if self.dims is None:
+            if pc.fp8_dispatch or pc.bf16_combine:
+                self._say("--fp8-dispatch / --bf16-combine only change expert-parallel runs (--ep > 1); ignored")
+            model = model.to(self.device)
+            if pc.activation_checkpointing:
+                from leanmoe.parallel.parallelize import apply_activation_checkpointing
 
-        self.loader = TokenLoader(self.shards.train, tc.micro_batch_size, tc.seq_len, seed=tc.seed)
-        self.start_state = {"step": 0, "tokens": 0, "elapsed": 0.0, "expert_load": None}
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, self.model, self.optimizer)
-            self.loader.load_state_dict(state["loader"])
-            self.start_state = state
-            self._truncate_metrics(state["step"])
-            self._say(f"resuming {run_dir} from {ckpt.name} (step {state['step']}, {state['tokens']:,} tokens)")
-        if tc.compile == "on":
-            self._compiled_loss = torch.compile(self.model.compute_loss)
+                apply_activation_checkpointing(model)
+            return model
+        from leanmoe.parallel.parallelize import parallelize
+
+        return parallelize(model, self.dims, param_dtype=torch.bfloat16 if self.tc.dtype == "bf16" else None,
+                           activation_checkpointing=pc.activation_checkpointing, fp8_dispatch=pc.fp8_dispatch,
+                           combine_dtype=torch.bfloat16 if pc.bf16_combine else None)
+
+    # ------------------------------------------------------------------ distributed plumbing
+    def _local_device(self, device: torch.device) -> torch.device:
+        if self.world == 1:
+            return device
+        from leanmoe.parallel.groups import local_device
+
+        return local_device(device)
+
+    def _init_distributed(self) -> None:
+        """Join the torchrun job when launched by it (WORLD_SIZE > 1); a no-op otherwise."""
+        from leanmoe.parallel import groups
+
+        if groups.env_world_size() <= 1:
+            return
+        self.world = groups.env_world_size()
+        self.device = self._local_device(self.device)
+        self._owns_process_group = not groups.is_initialized()
+        groups.init_process_group(self.device)
+        self.rank = groups.rank()
+
+    def _agree_on_run_dir(self) -> Path:
+        """Rank 0 resolves the run folder (a timestamp by default) and tells the others."""
+        if self.world == 1:
+            return self._resolve_run_dir()
+        from leanmoe.parallel.groups import broadcast_str
+
+        chosen, error = "", None
+        if self.rank == 0:
+            try:
+                chosen = str(self._resolve_run_dir())
+            except TrainingError as e:
+                error = e
+        chosen = broadcast_str(chosen)
+        if error is not None:
+            raise error
+        if not chosen:
+            raise TrainingError("rank 0 could not choose the run folder (its error is above)")
+        return Path(chosen)
+
+    def _fit_micro_batch(self) -> None:
+        """On resume with another number of processes, shrink the micro-batch if it no longer
+        splits the (global) batch evenly over the ranks."""
+        tc = self.tc
+        per_rank, rem = divmod(tc.batch_size, self.world)
+        if rem or per_rank == 0 or per_rank % tc.micro_batch_size == 0:
+            return
+        mb = max(d for d in range(1, min(tc.micro_batch_size, per_rank) + 1) if per_rank % d == 0)
+        self._say(f"micro-batch {tc.micro_batch_size} -> {mb} sequences so {self.world} processes split the batch "
+                  f"of {tc.batch_size}")
+        tc.micro_batch_size = mb
+
+    def _build_dims(self, cfg: ModelConfig, saved_parallel: dict[str, Any]) -> None:
+        """Choose --ep and build the (dp, ep) mesh (distributed runs only)."""
+        ep = self.pc.ep
+        if ep is None:  # resume with the saved layout when it still fits
+            saved = saved_parallel.get("ep") or 1
+            ep = saved if self.world % saved == 0 and cfg.n_routed_experts % saved == 0 else 1
+        if self.world == 1:
+            if ep > 1:
+                raise TrainingError(f"--ep {ep} needs {ep} processes or more: launch with `leanmoe train --nproc N` "
+                                    "or `torchrun --nproc-per-node N -m leanmoe train`")
+            self.pc.ep = 1
+            return
+        from leanmoe.parallel.groups import ParallelDims
+
+        try:
+            self.dims = ParallelDims.build(ep, self.device, cfg.n_routed_experts if cfg.has_moe else None)
+        except ValueError as e:
+            raise TrainingError(str(e)) from e
+        self.pc.ep = ep
+        self._say(f"distributed: {self.dims.describe()} ({self.device.type}, "
+                  f"{'NCCL' if self.device.type == 'cuda' else 'gloo'})")
+
+    def _rank0_first(self, fn) -> None:
+        """fn() on rank 0, then, if it worked, on the other ranks (they reuse what rank 0 built)."""
+        from leanmoe.parallel.groups import broadcast_flag
+
+        if self.rank == 0:
+            try:
+                fn()
+            except BaseException:
+                broadcast_flag(False)
+                raise
+            broadcast_flag(True)
+        else:
+            if not broadcast_flag(False):
+                raise TrainingError("rank 0 failed while preparing the data (its error is above)")
+            fn()
+
+    def close(self) -> None:
+        """Leave the process group if this trainer joined it (distributed runs)."""
+        if self._owns_process_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self._owns_process_group = False
 
     # ------------------------------------------------------------------ helpers
     def _say(self, msg: str) -> None:
-        if self.tc.progress:
+        if self.tc.progress and self.rank == 0:
             print(f"[leanmoe] {msg}", flush=True)
 
     def _truncate_metrics(self, step: int) -> None:
@@ -312,7 +466,9 @@ class Trainer:
         token_bytes = torch.as_tensor(np.asarray(self.tokenizer.token_bytes()), device=self.device)
         nats = bpb_nats = 0.0
         count = n_bytes = 0
-        batches = list(eval_batches(self.shards.val, tc.micro_batch_size, tc.seq_len, tc.eval_batches))
+        # every rank evaluates its share of the same windows (at least one batch each); sums are reduced
+        batches = list(eval_batches(self.shards.val, tc.micro_batch_size, tc.seq_len,
+                                    max(tc.eval_batches, self.world), rank=self.rank, world_size=self.world))
         for x, y in batches:
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
@@ -323,8 +479,18 @@ class Trainer:
             b = token_bytes[y.flatten()]
             bpb_nats += (loss * (b > 0)).sum().item()  # special tokens (0 bytes) are left out
             n_bytes += int(b.sum().item())
-        samples = [self.sample(batches[0][0][i, :8].tolist(), seed=self.tc.seed + i)
-                   for i in range(min(3, batches[0][0].shape[0]))]
+        if self.world > 1:
+            from leanmoe.parallel.groups import all_reduce_sum
+
+            sums = all_reduce_sum(torch.tensor([nats, count, bpb_nats, n_bytes], dtype=torch.float64,
+                                               device=self.device)).tolist()
+            nats, count, bpb_nats, n_bytes = sums[0], int(sums[1]), sums[2], int(sums[3])
+            # prompts: rank 0's first batch on every rank (decoding runs in lockstep, see sample)
+            prompts = next(eval_batches(self.shards.val, tc.micro_batch_size, tc.seq_len, 1))[0]
+        else:
+            prompts = batches[0][0]
+        samples = [self.sample(prompts[i, :8].tolist(), seed=self.tc.seed + i)
+                   for i in range(min(3, prompts.shape[0]))]
         model.train()
         return {"val_loss": nats / max(count, 1), "val_bpb": bpb_nats / math.log(2) / max(n_bytes, 1),
                 "samples": samples}
@@ -346,6 +512,10 @@ class Trainer:
             top = logits.topk(min(top_k, logits.numel()))
             probs = (top.values / temperature).softmax(-1).cpu()
             nxt = int(top.indices[torch.multinomial(probs, 1, generator=gen)].item())
+            if self.world > 1:  # every rank decodes rank 0's token, so all run the same forward passes
+                from leanmoe.parallel.groups import broadcast_float
+
+                nxt = int(broadcast_float(float(nxt)))
             if nxt == self.tokenizer.eos_id:
                 break
             out.append(nxt)
@@ -367,7 +537,8 @@ class Trainer:
     def _state(self, step, tokens, elapsed, load_total) -> dict[str, Any]:
         return {"tokens": tokens, "elapsed": elapsed, "loader": self.loader.state_dict(),
                 "train_config": self.tc.to_dict(), "expert_load": load_total.tolist() if load_total is not None else None,
-                "model_summary": self.cfg.summary(), "saved_at": dt.datetime.now().isoformat(timespec="seconds")}
+                "model_summary": self.cfg.summary(), "saved_at": dt.datetime.now().isoformat(timespec="seconds"),
+                "parallel": {**self.pc.to_dict(), "world_size": self.world}}
 
     def train(self, stop_after: int | None = None) -> TrainResult:
         """Run until the budget is spent (or `stop_after` steps in this call, for tests)."""
@@ -377,13 +548,24 @@ class Trainer:
         st = self.start_state
         step, tokens, elapsed0 = st["step"], st["tokens"], st["elapsed"]
         load_total = torch.tensor(st["expert_load"]) if st.get("expert_load") else None
-        accum = tc.batch_size // tc.micro_batch_size
+        accum = tc.batch_size // (tc.micro_batch_size * self.world)
         tokens_per_step = tc.batch_size * tc.seq_len
         flops_per_token = self.cfg.flops_per_token(tc.seq_len)
         peak = self.peak_flops()
-        metrics = open(self.run_dir / "metrics.jsonl", "a")
+        peak = peak * self.world if peak else None
+        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
         bar = self._progress_bar()
         t_start = time.perf_counter()
+
+        def clock(t: float) -> float:
+            """Seconds of the run at perf_counter() == t; rank 0's, so all ranks stop and schedule alike."""
+            elapsed = elapsed0 + t - t_start
+            if self.world == 1:
+                return elapsed
+            from leanmoe.parallel.groups import broadcast_float
+
+            return broadcast_float(elapsed)
+
         last_ckpt = latest_checkpoint(self.run_dir)
         last_loss = last_eval = None
         interrupted = False
@@ -391,15 +573,17 @@ class Trainer:
         tps_history: list[float] = []
         self._say(f"run folder {self.run_dir}; model: {self.cfg.summary().splitlines()[1]}")
         self._say(f"device {self.device}, dtype {tc.dtype}, batch {tc.batch_size} x {tc.seq_len} tokens "
-                  f"({accum} micro-batches), lr {tc.lr}, budget: " + ", ".join(
+                  f"({accum} micro-batches" + (f" on each of {self.world} processes" if self.world > 1 else "")
+                  + f"), lr {tc.lr}, budget: " + ", ".join(
                       f"{k}={v}" for k, v in (("steps", tc.max_steps), ("tokens", tc.max_tokens),
                                               ("seconds", tc.time_budget)) if v))
         try:
-            while self._progress(step, tokens, elapsed0 + time.perf_counter() - t_start) < 1.0:
-                if stop_after is not None and steps_this_call >= stop_after:
-                    break
+            # a resumed run whose budget is already spent does nothing; otherwise the loop ends at
+            # the step marked final, which always evaluates and saves
+            done = self._progress(step, tokens, clock(time.perf_counter())) >= 1.0
+            while not done:
                 t0 = time.perf_counter()
-                lr = lr_at(step, self._progress(step, tokens, elapsed0 + t0 - t_start), tc.lr, tc.warmup_steps,
+                lr = lr_at(step, self._progress(step, tokens, clock(t0)), tc.lr, tc.warmup_steps,
                            tc.schedule, tc.min_lr_ratio, tc.decay_fraction)
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -419,7 +603,14 @@ class Trainer:
                                 f"batch) or --seq-len. The last good checkpoint is {last_ckpt}") from e
                         raise
                     parts += torch.stack([out.loss, out.lm_loss, out.mtp_loss, out.aux_loss]).detach().float() / accum
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                if self.world > 1:
+                    from leanmoe.parallel.groups import all_reduce_sum
+                    from leanmoe.parallel.parallelize import clip_grad_norm_
+
+                    parts = all_reduce_sum(parts) / self.world  # the global batch's mean losses
+                    grad_norm = clip_grad_norm_(model.parameters(), tc.grad_clip)  # of the sharded gradients
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 loss, lm_loss, mtp_loss, aux_loss = parts.tolist()  # host sync: once per step, for logging
                 if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
                     what = "loss" if not math.isfinite(loss) else "gradient norm"
@@ -429,7 +620,12 @@ class Trainer:
                         f"Nothing was saved from this step; the last good checkpoint is {last_ckpt}")
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                load = model.update_router_bias()
+                if self.world > 1:  # every rank moves its biases by the global load: they stay equal
+                    from leanmoe.parallel.groups import all_reduce_sum
+
+                    load = model.update_router_bias(load=all_reduce_sum(model.expert_load()))
+                else:
+                    load = model.update_router_bias()
                 load_total = load.cpu() if load_total is None else load_total + load.cpu()
                 step += 1
                 steps_this_call += 1
@@ -437,7 +633,7 @@ class Trainer:
                 step_time = time.perf_counter() - t0
                 tps = tokens_per_step / step_time
                 tps_history.append(tps)
-                elapsed = elapsed0 + time.perf_counter() - t_start
+                elapsed = clock(time.perf_counter())
                 last_loss = loss
                 mfu = flops_per_token * tps / peak if peak else None
                 rec: dict[str, Any] = {
@@ -452,7 +648,7 @@ class Trainer:
                     last_eval = self.evaluate()
                     rec.update(val_loss=last_eval["val_loss"], val_bpb=last_eval["val_bpb"])
                     self._log_eval(step, last_eval, bar)
-                if step % tc.log_interval == 0 or "val_loss" in rec:
+                if metrics is not None and (step % tc.log_interval == 0 or "val_loss" in rec):
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                 if step % tc.save_interval == 0 or final:
@@ -460,15 +656,22 @@ class Trainer:
                                                 self._state(step, tokens, elapsed, load_total), self.tokenizer,
                                                 tc.keep_last)
                 self._update_bar(bar, step, tokens, lm_loss, tps, mfu, elapsed)
+                done = final
         except KeyboardInterrupt:
             interrupted = True
             elapsed = elapsed0 + time.perf_counter() - t_start
-            if step > 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"-{step}")):
-                last_ckpt = save_checkpoint(self.run_dir, step, model, opt,
-                                            self._state(step, tokens, elapsed, load_total), self.tokenizer, tc.keep_last)
-            self._say(f"interrupted at step {step}; saved {last_ckpt}; continue with --resume --out {self.run_dir}")
+            if self.world > 1:  # ranks stop at different points: a collective save could hang
+                self._say(f"interrupted at step {step}; the last checkpoint is {last_ckpt}; continue with "
+                          f"--resume --out {self.run_dir}")
+            else:
+                if step > 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"-{step}")):
+                    last_ckpt = save_checkpoint(self.run_dir, step, model, opt,
+                                                self._state(step, tokens, elapsed, load_total), self.tokenizer,
+                                                tc.keep_last)
+                self._say(f"interrupted at step {step}; saved {last_ckpt}; continue with --resume --out {self.run_dir}")
         finally:
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
             if bar is not None:
                 bar.close()
         elapsed = elapsed0 + time.perf_counter() - t_start
@@ -477,7 +680,7 @@ class Trainer:
                              val_loss=last_eval["val_loss"] if last_eval else None,
                              val_bpb=last_eval["val_bpb"] if last_eval else None, tokens_per_second=tps_mean,
                              checkpoint=last_ckpt, report=None, interrupted=interrupted)
-        if step > 0:
+        if step > 0 and self.rank == 0:
             from leanmoe.train.report import write_report
 
             result.report = write_report(self, result, load_total, last_eval)
@@ -486,7 +689,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ display
     def _progress_bar(self):
-        if not self.tc.progress:
+        if not self.tc.progress or self.rank > 0:
             return None
         from tqdm.auto import tqdm
 
@@ -508,10 +711,15 @@ class Trainer:
         if bar is not None:
             for line in lines:
                 bar.write(line)
-        elif self.tc.progress:
+        elif self.tc.progress and self.rank == 0:
             print("\n".join(lines), flush=True)
 
 
-def train(tc: TrainConfig) -> TrainResult:
-    """Run a whole training job (the library function behind `leanmoe train`)."""
-    return Trainer(tc).train()
+def train(tc: TrainConfig, pc: ParallelConfig | None = None) -> TrainResult:
+    """Run a whole training job (the library function behind `leanmoe train`); under torchrun,
+    on every process, laid out by `pc`."""
+    trainer = Trainer(tc, pc)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

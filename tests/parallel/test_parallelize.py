@@ -1,0 +1,131 @@
+"""parallelize() and the full-state helpers at the model level (leanmoe/parallel/parallelize.py,
+leanmoe/parallel/checkpoint.py). Loss parity of whole training runs is in test_trainer.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from leanmoe.model import Transformer
+from leanmoe.parallel.launch import strip_nproc, torchrun_command
+from leanmoe.parallel.parallelize import apply_activation_checkpointing, clip_grad_norm_
+from tests.parallel.dist_util import Checks, assert_check, load_checks, spawn
+from tests.util import micro_config
+
+
+def _model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(micro_config(n_routed_experts=8))
+
+
+def _parallel_worker(out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from leanmoe.parallel.checkpoint import full_model_state_dict, load_full_model_state_dict
+    from leanmoe.parallel.groups import ParallelDims
+    from leanmoe.parallel.parallelize import parallelize
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    checks = Checks()
+    dims = ParallelDims.build(2, torch.device("cpu"), 8)
+    ids = torch.randint(0, 97, (2 * world, 12), generator=torch.Generator().manual_seed(3))
+    mine = ids[2 * rank: 2 * rank + 2]
+    ref = _model()
+
+    # a single-process state loaded into the sharded model gathers back unchanged (1 -> 2 ranks)
+    other = Transformer(micro_config(n_routed_experts=8))  # different weights until loaded
+    parallelize(other, dims)
+    load_full_model_state_dict(other, ref.state_dict())
+    back = full_model_state_dict(other)
+    with checks("full_state_round_trip"):
+        if rank == 0:
+            assert set(back) == set(ref.state_dict())
+            for name, t in ref.state_dict().items():
+                torch.testing.assert_close(back[name], t, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        else:
+            assert back == {}
+
+    # mixed precision: bf16 compute, fp32 master weights and reduction; the router stays fp32
+    mp = parallelize(copy.deepcopy(_model()), dims, param_dtype=torch.bfloat16)
+    seen = {}
+    gate = mp.moe_layers()[0].gate
+    gate.register_forward_pre_hook(lambda m, a: seen.update(gate=m.weight.dtype))
+    loss = mp.compute_loss(mine, mine).loss
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    norm = clip_grad_norm_(mp.parameters(), 1e9)
+    want = ref.compute_loss(ids, ids).loss
+    want.backward()
+    with checks("mixed_precision_bf16"):
+        assert seen["gate"] == torch.float32
+        assert all(p.dtype == torch.float32 for p in mp.parameters())
+        torch.testing.assert_close(total / world, want.detach(), rtol=2e-2, atol=0)
+        want_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e9)
+        torch.testing.assert_close(norm, want_norm, rtol=5e-2, atol=0)
+
+    with checks("bad_ep_is_explained"):
+        with pytest.raises(ValueError, match="must divide the number of processes"):
+            ParallelDims.build(3, torch.device("cpu"))
+        with pytest.raises(ValueError, match="n_routed_experts"):
+            ParallelDims.build(2, torch.device("cpu"), n_routed_experts=9)
+    checks.save(out_dir)
+
+
+@pytest.fixture(scope="module")
+def parallel_results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("parallelize")
+    spawn(_parallel_worker, 2, str(folder))
+    return load_checks(folder, 2)
+
+
+@pytest.mark.parametrize("check", ["full_state_round_trip", "mixed_precision_bf16", "bad_ep_is_explained"])
+def test_parallelize(parallel_results, check):
+    assert_check(parallel_results, check)
+
+
+def test_activation_checkpointing_saves_less_and_changes_nothing():
+    plain, ckpt = _model(), _model()
+    apply_activation_checkpointing(ckpt)
+    assert set(dict(ckpt.named_parameters())) == set(dict(plain.named_parameters()))  # HF names kept
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def run(model):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = model.compute_loss(ids, ids).loss
+        loss.backward()
+        return loss, sum(saved), {n: p.grad for n, p in model.named_parameters()}
+
+    loss_a, saved_a, grads_a = run(plain)
+    loss_b, saved_b, grads_b = run(ckpt)
+    assert saved_b < 0.7 * saved_a, (saved_a, saved_b)
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    # recomputation does not count routed tokens twice
+    torch.testing.assert_close(ckpt.expert_load(), plain.expert_load())
+
+
+def test_clip_grad_norm_matches_torch_in_one_process():
+    a, b = _model(), _model()
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(2))
+    for m in (a, b):
+        m.compute_loss(ids, ids).loss.backward()
+    na = torch.nn.utils.clip_grad_norm_(a.parameters(), 0.1)
+    nb = clip_grad_norm_(b.parameters(), 0.1)
+    torch.testing.assert_close(nb, na, rtol=1e-6, atol=0)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-6, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+def test_nproc_shortcut_builds_a_torchrun_command():
+    argv = ["train", "--nproc", "4", "--ep", "2", "--nproc=3", "--max-steps", "5"]
+    assert strip_nproc(argv) == ["train", "--ep", "2", "--max-steps", "5"]
+    cmd = torchrun_command(argv, 4)
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m"]
+    assert cmd[6:] == ["leanmoe", "train", "--ep", "2", "--max-steps", "5"]
+    with pytest.raises(ValueError, match="at least 1"):
+        torchrun_command(argv, 0)
