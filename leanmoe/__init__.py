@@ -2,9 +2,10 @@
 
 from leanmoe.checkpoint import from_pretrained, save_pretrained
 from leanmoe.config import PRESETS, ModelConfig
+from leanmoe.infer import LLM, EngineConfig, SamplingParams
 from leanmoe.model import LatentCache, LossOutput, Transformer
 
 __version__ = "0.1.0"
 
 __all__ = ["ModelConfig", "PRESETS", "Transformer", "LossOutput", "LatentCache", "from_pretrained",
-           "save_pretrained", "__version__"]
+           "save_pretrained", "LLM", "SamplingParams", "EngineConfig", "__version__"]

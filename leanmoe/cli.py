@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--precision", choices=["bf16", "fp8"], default="bf16", help="peak to measure MFU against")
     co.add_argument("--json", action="store_true")
     co.set_defaults(func=cmd_cost)
+
+    from leanmoe.infer.commands import register as register_infer
+
+    register_infer(sub)  # generate, chat, serve
     return p
 
 

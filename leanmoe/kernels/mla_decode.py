@@ -16,8 +16,10 @@ With causal=True, query i of s_q sits at position seqlen - s_q + i and sees keys
 otherwise every query sees all seqlen keys. Slots past a sequence's length are never read, so
 padding may hold anything (tests fill it with NaN).
 
-`mla_decode_reference` is the obvious gather-and-softmax in fp32; `mla_decode` is the dispatch
-point every caller uses (Triton on CUDA/ROCm tensors, the reference elsewhere; see
+`mla_decode_reference` is the obvious per-sequence gather-and-softmax in fp32;
+`mla_decode_torch` is the same math for the whole batch at once (the CPU fast path);
+`mla_decode` is the dispatch point every caller uses (Triton on CUDA/ROCm tensors, the batched
+torch path elsewhere; see
 leanmoe.kernels.fp8 for the rule and LEANMOE_TRITON_INTERPRET); `paged_mla_attend` is the call
 site an inference backend uses to run one MLA layer's absorbed attention over a paged cache.
 
@@ -41,7 +43,7 @@ import torch
 
 from leanmoe.kernels.fp8 import _jit, cdiv, tl, use_triton
 
-__all__ = ["mla_decode", "mla_decode_reference", "mla_decode_triton", "paged_mla_attend"]
+__all__ = ["mla_decode", "mla_decode_reference", "mla_decode_torch", "mla_decode_triton", "paged_mla_attend"]
 
 
 def _check(q, kv_cache, block_table, cache_seqlens, head_dim_v):
@@ -83,6 +85,34 @@ def mla_decode_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
 
 
 # ---------------------------------------------------------------------- Triton kernels
+def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                     cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float | None = None,
+                     causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole batch at once in torch (the CPU path): gather every sequence's blocks (padded to
+    the longest table), mask keys past each length (and, causal, past each query's position),
+    softmax in fp32. No host sync and a fixed number of ops whatever the batch size; memory
+    b * max_blocks * block_size * d per call. Padding slots are zeroed before use, so NaN there
+    cannot leak; table entries past a sequence's blocks are never dereferenced."""
+    _check(q, kv_cache, block_table, cache_seqlens, head_dim_v)
+    b, s_q, h_q, d = q.shape
+    bs = kv_cache.shape[1]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    n_keys = block_table.shape[1] * bs
+    seqlens = cache_seqlens.long()
+    key_pos = torch.arange(n_keys, device=q.device)
+    blocks = torch.where(key_pos[::bs][None] < seqlens[:, None], block_table.long(), 0)
+    k = kv_cache[blocks].view(b, n_keys, d).float()  # [b, S, d]
+    k = k.masked_fill(~(key_pos[None] < seqlens[:, None])[..., None], 0.0)
+    scores = torch.einsum("bqhd,bsd->bhqs", q.float(), k) * scale
+    # query i may see keys < limit[b, i]
+    limit = (seqlens[:, None] - (s_q - 1 - torch.arange(s_q, device=q.device))[None] if causal
+             else seqlens[:, None].expand(b, s_q))
+    scores = scores.masked_fill(~(key_pos[None, None] < limit[..., None])[:, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [b, h, s_q]
+    p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows with no key: all zero
+    return torch.einsum("bhqs,bsv->bqhv", p, k[..., :head_dim_v]).to(q.dtype), lse
+
+
 @_jit
 def _mla_decode_kernel(
     q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_ptr, lse_ptr,
@@ -241,7 +271,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     lse [b, h_q, s_q] fp32)."""
     if use_triton(q):
         return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
-    return mla_decode_reference(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
+    return mla_decode_torch(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
 
 
 def paged_mla_attend(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from leanmoe import LatentCache, Transformer
 from leanmoe.kernels import fp8
-from leanmoe.kernels.mla_decode import mla_decode, mla_decode_reference, mla_decode_triton, paged_mla_attend
+from leanmoe.kernels.mla_decode import (mla_decode, mla_decode_reference, mla_decode_torch, mla_decode_triton,
+                                        paged_mla_attend)
 from tests.util import micro_config
 
 needs_triton = pytest.mark.skipif(fp8.triton is None, reason="triton is not installed")
@@ -80,6 +81,23 @@ def test_reference_matches_sdpa_and_is_fp32():
         ref_out, ref_lse = _sdpa_reference(q, kv, bt, lens, dv, scale, causal)
         _assert_matches(out, lse, ref_out, ref_lse, torch.float32)
         assert lse.shape == (3, 4, 2) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 64])
+@pytest.mark.parametrize("s_q,causal", [(1, False), (1, True), (2, True), (3, True), (2, False)])
+def test_batched_torch_path_matches_reference(block_size, s_q, causal):
+    # empty, shorter than s_q, ragged; NaN in every padding slot; table entries past a
+    # sequence's blocks set to -1 (they must never be dereferenced)
+    lens = [0, 1, 19, 70]
+    q, kv, bt, seqlens, dv = _case(4, s_q, 3, MICRO, block_size, lens, torch.float32)
+    for i, n in enumerate(lens):
+        bt[i, -(-n // block_size):] = -1
+    out, lse = mla_decode_torch(q, kv, bt, seqlens, dv, 0.3, causal)
+    _assert_matches(out, lse, *mla_decode_reference(q, kv, bt, seqlens, dv, 0.3, causal), torch.float32)
+    # bf16 inputs, DeepSeek-V3's latent sizes
+    q, kv, bt, seqlens, dv = _case(2, s_q, 8, V3, block_size, [40, 7])
+    _assert_matches(*mla_decode_torch(q, kv, bt, seqlens, dv, causal=causal),
+                    *mla_decode_reference(q, kv, bt, seqlens, dv, causal=causal), torch.bfloat16)
 
 
 @needs_triton

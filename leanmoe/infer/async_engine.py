@@ -1,0 +1,149 @@
+"""The engine on a background thread, for servers: asyncio code submits and awaits, one thread steps.
+
+The engine thread owns the LLM: it is the only one that schedules, runs the model or touches cache
+blocks. Requests reach it through a thread-safe command queue (add / abort); outputs go back to
+each request's asyncio.Queue through `call_soon_threadsafe`, once per step for the whole batch.
+When nothing is running the thread sleeps on the command queue. A request whose consumer stops
+listening (a client disconnected, a task was cancelled) is aborted, which frees its blocks
+before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from leanmoe.infer.engine import LLM, RequestOutput
+from leanmoe.infer.sequence import Sequence
+
+__all__ = ["AsyncEngine", "EngineDeadError"]
+
+log = logging.getLogger("leanmoe.infer")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread is not running."""
+
+
+class AsyncEngine:
+    """Usage (inside a running event loop): engine.start();
+    async for out in engine.generate(llm.make_sequence(prompt, params, stream=True)): ..."""
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="leanmoe-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        if self._thread is None:
+            return
+        self._stopping = True
+        self._commands.put(("stop", None))
+        self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------------ requests
+    async def generate(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
+        """Submit a sequence (from `LLM.make_sequence`) and yield its outputs until it finishes.
+        Leaving the loop early (break, cancellation, disconnect) aborts the request."""
+        if not self.is_running:
+            raise EngineDeadError("the inference engine is not running")
+        rid = seq.request_id
+        if rid in self._listeners:
+            raise ValueError(f"request id {rid!r} is already in use")
+        q: asyncio.Queue = asyncio.Queue()
+        self._listeners[rid] = (asyncio.get_running_loop(), q)
+        self._commands.put(("add", seq))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._listeners.pop(rid, None)
+            if not finished:
+                self._commands.put(("abort", rid))
+
+    # ------------------------------------------------------------------ the engine thread
+    def _handle(self, cmd: str, arg: Any) -> None:
+        if cmd == "add":
+            try:
+                self.llm.add_sequence(arg)
+            except Exception as e:  # a bad request must not stop the engine
+                self._deliver([(arg.request_id, e)])
+        elif cmd == "abort":
+            self.llm.abort(arg)
+        elif cmd == "stop":
+            self._stopping = True
+
+    def _deliver(self, items: list[tuple[str, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for rid, item in items:
+            listener = self._listeners.get(rid)
+            if listener is not None:
+                by_loop.setdefault(listener[0], []).append((listener[1], item))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, pairs)
+            except RuntimeError:  # the loop closed under us
+                pass
+
+    def _run(self) -> None:
+        llm = self.llm
+        try:
+            while not self._stopping:
+                if not llm.has_unfinished():
+                    self._handle(*self._commands.get())  # idle: sleep until a command arrives
+                while True:
+                    try:
+                        self._handle(*self._commands.get_nowait())
+                    except queue.Empty:
+                        break
+                if self._stopping or not llm.has_unfinished():
+                    continue
+                try:
+                    outputs = llm.step()
+                except Exception as e:  # fail the running requests, keep serving
+                    log.exception("engine step failed")
+                    failed = [s.request_id for s in list(llm.scheduler.running) + list(llm.scheduler.waiting)]
+                    for rid in failed:
+                        llm.abort(rid)
+                    self._deliver([(rid, RuntimeError(f"engine step failed: {e}")) for rid in failed])
+                    continue
+                self._deliver([(o.request_id, o) for o in outputs])
+        except BaseException as e:  # pragma: no cover - defensive: never leave a client hanging
+            self.error = e
+            log.exception("engine thread died")
+        finally:
+            dead = EngineDeadError("the inference engine stopped")
+            self._deliver([(rid, dead) for rid in list(self._listeners)])
+
+
+def _put_all(pairs: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in pairs:
+        q.put_nowait(item)

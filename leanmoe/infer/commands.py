@@ -1,0 +1,191 @@
+"""`leanmoe generate | chat | serve`: argument parsing over library functions.
+
+    leanmoe generate CHECKPOINT "prompt"      stream a completion to the terminal
+    leanmoe chat CHECKPOINT                   interactive chat with the tokenizer's chat template
+    leanmoe serve CHECKPOINT [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+CHECKPOINT is a training run folder (its latest checkpoint and tokenizer) or an HF-layout folder
+holding a tokenizer.json. `register(subparsers)` adds the three commands to leanmoe's CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+__all__ = ["register", "load_llm", "generate_to", "chat_loop"]
+
+
+def load_llm(args: argparse.Namespace):
+    """An LLM from the common arguments; a tokenizer is required."""
+    from leanmoe.infer.engine import LLM
+
+    options = dict(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
+                   num_blocks=args.num_blocks, max_model_len=args.max_model_len)
+    if args.no_speculative:
+        options["speculative"] = False
+    llm = LLM(args.checkpoint, **{k: v for k, v in options.items() if v is not None})
+    if llm.tokenizer is None:
+        raise FileNotFoundError(f"no tokenizer.json found for {args.checkpoint} (looked in the checkpoint folder "
+                                "and its run folder)")
+    return llm
+
+
+def _params(args: argparse.Namespace, **extra):
+    from leanmoe.infer.sampler import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          max_tokens=args.max_tokens, stop=args.stop or [], **extra)
+
+
+def generate_to(llm, prompt: str | list[int], params, out: TextIO | None = None) -> str:
+    """Stream one completion to `out` (default stdout) as it is generated; returns the text."""
+    out = out or sys.stdout
+    parts = []
+    for o in llm.stream(prompt, params):
+        if o.delta_text:
+            out.write(o.delta_text)
+            out.flush()
+            parts.append(o.delta_text)
+    out.write("\n")
+    return "".join(parts)
+
+
+def chat_loop(llm, params, system: str | None = None, read: Callable[[str], str] = input,
+              out: TextIO | None = None) -> list[dict[str, str]]:
+    """Read user turns with `read` until EOF (or /exit), stream each answer to `out` (default
+    stdout); /reset starts over. Returns the conversation."""
+    out = out or sys.stdout
+    base = [{"role": "system", "content": system}] if system else []
+    messages = list(base)
+    stop_ids = llm.chat_stop_token_ids()
+    while True:
+        try:
+            line = read("> ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return messages
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return messages
+        if text == "/reset":
+            messages = list(base)
+            out.write("(conversation cleared)\n")
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = llm.tokenizer.encode(prompt)
+        room = llm.max_model_len - len(ids)
+        if room < 1:
+            out.write(f"(the conversation is longer than the model's context of {llm.max_model_len} tokens; "
+                      "/reset to start over)\n")
+            messages.pop()
+            continue
+        p = dataclasses.replace(params, max_tokens=min(params.max_tokens, room),
+                                stop_token_ids=list(params.stop_token_ids) + stop_ids)
+        try:
+            answer = generate_to(llm, ids, p, out)
+        except KeyboardInterrupt:  # stop this answer, keep the chat
+            out.write("\n")
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": answer})
+
+
+# ---------------------------------------------------------------------------- the commands
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = load_llm(args)
+    generate_to(llm, args.prompt, _params(args, ignore_eos=args.ignore_eos))
+    if args.stats:
+        s = llm.stats()
+        print(f"[{s['generated_tokens']} tokens in {s['steps']} steps; draft acceptance {s['acceptance_rate']:.2f}]",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = load_llm(args)
+    if sys.stdin.isatty():
+        print("leanmoe chat: type a message; /reset clears the conversation, Ctrl-D or /exit quits.",
+              file=sys.stderr)
+        chat_loop(llm, _params(args), system=args.system)
+    else:
+        chat_loop(llm, _params(args), system=args.system, read=lambda _: _readline_or_eof())
+    return 0
+
+
+def _readline_or_eof() -> str:
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from leanmoe.infer.server import serve
+
+    options = dict(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
+                   num_blocks=args.num_blocks, max_model_len=args.max_model_len)
+    if args.no_speculative:
+        options["speculative"] = False
+    api_key = args.api_key or os.environ.get("LEANMOE_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"leanmoe serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+              "port can use the model", file=sys.stderr)
+    serve(args.checkpoint, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
+          **{k: v for k, v in options.items() if v is not None})
+    return 0
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a training run folder (its latest checkpoint) or an HF-layout folder with a tokenizer.json")
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    g.add_argument("--max-num-seqs", type=int, help="most sequences batched together (default 64)")
+    g.add_argument("--block-size", type=int, help="tokens per cache block (default 64)")
+    g.add_argument("--num-blocks", type=int, help="cache blocks (default: enough for max-num-seqs full sequences)")
+    g.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
+    g.add_argument("--no-speculative", action="store_true", help="do not draft with the MTP module")
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="a stop string (repeatable)")
+
+
+def register(subparsers) -> None:
+    """Add `generate`, `chat` and `serve` to an argparse subparsers object."""
+    gen = subparsers.add_parser("generate", help="complete a prompt, streaming to the terminal")
+    _engine_args(gen)
+    gen.add_argument("prompt")
+    _sampling_args(gen, max_tokens=256)
+    gen.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
+    gen.add_argument("--stats", action="store_true", help="print token counts and draft acceptance to stderr")
+    gen.set_defaults(func=cmd_generate)
+
+    chat = subparsers.add_parser("chat", help="chat interactively (uses the tokenizer's chat template)")
+    _engine_args(chat)
+    chat.add_argument("--system", help="a system message")
+    _sampling_args(chat, max_tokens=512)
+    chat.set_defaults(func=cmd_chat)
+
+    srv = subparsers.add_parser("serve", help="serve an OpenAI-compatible API over HTTP")
+    _engine_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LEANMOE_API_KEY, else none)")
+    srv.add_argument("--model-name", help="the model id clients pass (default: the checkpoint folder's name)")
+    srv.set_defaults(func=cmd_serve)

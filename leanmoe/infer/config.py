@@ -1,0 +1,93 @@
+"""Serving configuration: one small dataclass, resolved against the model it serves."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from leanmoe.config import ModelConfig
+
+__all__ = ["EngineConfig"]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    """How the inference engine runs a model.
+
+    block_size: tokens per paged-cache block.
+    num_blocks: cache blocks to allocate; None sizes the cache to hold `max_num_seqs` sequences of
+        `max_model_len` tokens, capped by `max_cache_bytes`.
+    max_num_seqs: most sequences in the running batch.
+    max_num_batched_tokens: token budget of one step (prompt tokens of a prefill step; 1 or 2 per
+        sequence in a decode step). At least `max_model_len`, so any admissible prompt fits a step.
+    max_model_len: longest sequence (prompt + output); None = the model's max_position_embeddings.
+    enable_prefix_caching: share full cache blocks between requests with the same prompt prefix.
+    speculative: draft with the checkpoint's first MTP module and verify in the next step
+        (`None`: whenever the model has one).
+    dtype / cache_dtype: weights and cache; cache_dtype None follows dtype.
+    """
+
+    block_size: int = 64
+    num_blocks: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    speculative: bool | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    cache_dtype: str | None = None
+    max_cache_bytes: int = 2 * 2**30
+    seed: int = 0
+
+    def resolved(self, cfg: ModelConfig, has_mtp: bool) -> EngineConfig:
+        """A copy with every None filled in from the model, validated; raises ValueError naming the field."""
+        c = dataclasses.replace(self)
+        if c.block_size <= 0:
+            raise ValueError(f"EngineConfig: block_size must be positive, got {c.block_size}")
+        if c.max_num_seqs <= 0:
+            raise ValueError(f"EngineConfig: max_num_seqs must be positive, got {c.max_num_seqs}")
+        if c.max_model_len is None:
+            c.max_model_len = cfg.max_position_embeddings
+        if not 2 <= c.max_model_len <= cfg.max_position_embeddings:
+            raise ValueError(f"EngineConfig: max_model_len={c.max_model_len} must be in [2, max_position_embeddings="
+                             f"{cfg.max_position_embeddings}]")
+        if c.max_num_batched_tokens is None:
+            c.max_num_batched_tokens = max(c.max_model_len, 2048)
+        if c.max_num_batched_tokens < c.max_model_len:
+            raise ValueError(f"EngineConfig: max_num_batched_tokens={c.max_num_batched_tokens} must be >= "
+                             f"max_model_len={c.max_model_len} (a prompt is prefilled in one step)")
+        if c.speculative is None:
+            c.speculative = has_mtp
+        if c.speculative and not has_mtp:
+            raise ValueError("EngineConfig: speculative=True needs a model with MTP modules "
+                             "(num_nextn_predict_layers > 0)")
+        for name in ("dtype", "cache_dtype"):
+            v = getattr(c, name)
+            if v is not None and v not in _DTYPES:
+                raise ValueError(f"EngineConfig: {name}={v!r}; choose one of {sorted(_DTYPES)}")
+        if c.cache_dtype is None:
+            c.cache_dtype = c.dtype
+        blocks_per_seq = -(-c.max_model_len // c.block_size)
+        if c.num_blocks is None:
+            n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+            elem = torch.empty(0, dtype=_DTYPES[c.cache_dtype]).element_size()
+            block_bytes = n_layers * c.block_size * cfg.latent_dim * elem
+            c.num_blocks = max(blocks_per_seq, min(c.max_num_seqs * blocks_per_seq, c.max_cache_bytes // block_bytes))
+        if c.num_blocks < blocks_per_seq:
+            raise ValueError(f"EngineConfig: num_blocks={c.num_blocks} cannot hold one sequence of max_model_len="
+                             f"{c.max_model_len} ({blocks_per_seq} blocks of {c.block_size})")
+        return c
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def torch_cache_dtype(self) -> torch.dtype:
+        return _DTYPES[self.cache_dtype or self.dtype]

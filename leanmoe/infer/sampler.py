@@ -1,0 +1,181 @@
+"""Sampling: per-request parameters and the batched sampler (temperature, top-k, top-p, seeds).
+
+Shape legend: B sequences in the batch, V vocabulary.
+
+Every row of a batch carries its own parameters. Greedy rows (temperature 0) take the argmax; the
+others sample with the exponential race: argmax_v p_v / e_v with e_v ~ Exp(1) draws v with
+probability p_v (the Gumbel-max trick in another form), which needs no cumulative sums and lets
+a seeded request draw its noise from its own generator, so its output does not depend on what
+else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["SamplingParams", "Sampler"]
+
+
+@dataclass
+class SamplingParams:
+    """How one request samples and when it stops.
+
+    temperature: 0 is greedy; otherwise logits are divided by it.
+    top_k: keep the k most likely tokens (0 = all). top_p: keep the smallest set whose
+        probability reaches top_p (1.0 = all). Both apply after temperature.
+    seed: a request-local generator, so the output is reproducible whatever else is batched.
+    max_tokens: most tokens to generate (the model's context may end it sooner).
+    stop: strings that end the output; the text stops before the first one (not included).
+    stop_token_ids: token ids that end the output besides the tokenizer's eos (not included).
+    ignore_eos: keep generating after eos (benchmarks, equality tests).
+    skip_special_tokens: leave special tokens out of the output text.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 128
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when a value is out of range."""
+        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must hold token ids, got {self.stop_token_ids!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Sampler:
+    """Turns last-position logits into tokens. One per engine; holds the generator shared by
+    unseeded requests."""
+
+    def __init__(self, device: torch.device | str, seed: int = 0):
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def request_generator(self, seed: int | None) -> torch.Generator | None:
+        """A request's own generator (None: draw from the engine's)."""
+        return None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+
+    # ------------------------------------------------------------------ building blocks
+    @staticmethod
+    def filtered_logits(logits_BV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """fp32 logits / temperature with everything outside top-k and top-p set to -inf.
+        Rows with temperature 0 are returned unscaled (the caller takes their argmax)."""
+        logits_BV = logits_BV.float()
+        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits_BV.device)
+        logits_BV = logits_BV / temps[:, None]
+        top_ks = [p.top_k for p in params]
+        top_ps = [p.top_p for p in params]
+        if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
+            vocab = logits_BV.shape[-1]
+            sorted_BV, _ = logits_BV.sort(dim=-1, descending=True)
+            keep_from_BV = torch.zeros_like(logits_BV, dtype=torch.bool)
+            if any(k > 0 for k in top_ks):
+                k_B = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_ks], device=logits_BV.device)
+                kth_B = sorted_BV.gather(1, (k_B - 1)[:, None])  # k-th largest value per row
+                keep_from_BV |= logits_BV < kth_B
+            if any(p < 1.0 for p in top_ps):
+                p_B = torch.tensor(top_ps, device=logits_BV.device, dtype=torch.float32)
+                probs_BV = sorted_BV.softmax(dim=-1)
+                # keep sorted entries whose preceding mass is < top_p (the first one always)
+                before_BV = probs_BV.cumsum(dim=-1) - probs_BV
+                n_keep_B = (before_BV < p_B[:, None]).sum(dim=-1).clamp(min=1)
+                cut_B = sorted_BV.gather(1, (n_keep_B - 1)[:, None])
+                keep_from_BV |= logits_BV < cut_B
+            logits_BV = logits_BV.masked_fill(keep_from_BV, float("-inf"))
+        return logits_BV
+
+    def noise(self, shape: tuple[int, ...], gens: list[torch.Generator | None]) -> torch.Tensor:
+        """Exp(1) noise [B, *shape]; row i from gens[i] when it has one, else the engine's."""
+        out = torch.empty(len(gens), *shape, device=self.device)
+        shared = [i for i, g in enumerate(gens) if g is None]
+        if len(shared) == len(gens):
+            return out.exponential_(generator=self.generator)
+        if shared:
+            out[shared] = torch.empty(len(shared), *shape, device=self.device).exponential_(generator=self.generator)
+        for i, g in enumerate(gens):
+            if g is not None:
+                out[i].exponential_(generator=g)
+        return out
+
+    def uniform(self, gens: list[torch.Generator | None]) -> torch.Tensor:
+        """U(0, 1) [B], per-row generators as in `noise`."""
+        return (-self.noise((), gens)).exp()  # exp(-E) with E ~ Exp(1) is uniform on (0, 1]
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, logits_BV: torch.Tensor, params: list[SamplingParams],
+               gens: list[torch.Generator | None]) -> torch.Tensor:
+        """logits [B, V] -> token ids [B] (int64, on the device; no host sync)."""
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            return logits_BV.argmax(dim=-1)
+        filt_BV = self.filtered_logits(logits_BV, params)
+        probs_BV = filt_BV.softmax(dim=-1)
+        sampled_B = (probs_BV / self.noise((logits_BV.shape[-1],), gens)).argmax(dim=-1)
+        if any(greedy):
+            sampled_B = torch.where(torch.tensor(greedy, device=logits_BV.device), logits_BV.argmax(dim=-1), sampled_B)
+        return sampled_B
+
+    def verify(self, logits_BTV: torch.Tensor, draft_B: torch.Tensor, params: list[SamplingParams],
+               gens: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Speculative verification of one drafted token per row.
+
+        logits [B, 2, V]: the main model at the last committed token (predicting the draft's
+        position) and at the draft (predicting the one after). -> (first [B], second [B],
+        accepted [B] bool). `first` is always valid; `second` only where accepted.
+
+        Greedy rows accept iff the draft is the argmax, so their output is exactly the output
+        without speculation. Sampled rows use the speculative sampling rule (Leviathan et al.
+        2023; Chen et al. 2023) for a deterministic draft q = onehot(d): accept with probability
+        min(1, p(d)/q(d)) = p(d), else resample from max(0, p - q) normalised, i.e. p with d
+        removed -- which leaves every token's probability exactly p.
+        """
+        greedy = [p.greedy for p in params]
+        argmax_BT = logits_BTV.argmax(dim=-1)
+        if all(greedy):
+            return argmax_BT[:, 0], argmax_BT[:, 1], argmax_BT[:, 0] == draft_B
+        b, t, v = logits_BTV.shape
+        per_row = [p for p in params for _ in range(t)]
+        filt_BTV = self.filtered_logits(logits_BTV.reshape(b * t, v), per_row).view(b, t, v)
+        probs_BTV = filt_BTV.softmax(dim=-1)
+        p_draft_B = probs_BTV[:, 0].gather(1, draft_B[:, None])[:, 0]
+        accept_B = self.uniform(gens) <= p_draft_B
+        residual_BV = probs_BTV[:, 0].scatter(1, draft_B[:, None], 0.0)
+        noise_BTV = self.noise((t, v), gens)
+        resampled_B = (residual_BV / noise_BTV[:, 0]).argmax(dim=-1)
+        second_B = (probs_BTV[:, 1] / noise_BTV[:, 1]).argmax(dim=-1)
+        first_B = torch.where(accept_B, draft_B, resampled_B)
+        if any(greedy):
+            g = torch.tensor(greedy, device=logits_BTV.device)
+            first_B = torch.where(g, argmax_BT[:, 0], first_B)
+            second_B = torch.where(g, argmax_BT[:, 1], second_B)
+            accept_B = torch.where(g, argmax_BT[:, 0] == draft_B, accept_B)
+        return first_B, second_B, accept_B

@@ -1,0 +1,55 @@
+"""Helpers for the inference tests."""
+
+import torch
+
+from leanmoe import Transformer
+from tests.util import micro_config
+
+VOCAB = 320
+
+
+def make_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = micro_config(vocab_size=VOCAB, max_position_embeddings=256, **overrides)
+    return Transformer(cfg).eval()
+
+
+def pattern(n: int, start: int) -> list[int]:
+    """A deterministic token walk: each token is a fixed function of the previous one."""
+    out = [start]
+    for _ in range(n - 1):
+        out.append(10 + (out[-1] * 7 + 3) % 61)
+    return out
+
+
+def greedy_reference(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    """The definition of greedy decoding: argmax of a full-sequence forward, token by token."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def random_prompts(lengths, seed=0, vocab=VOCAB):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(7, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def make_drafting_model(seed: int = 2, eps: float = 0.3) -> Transformer:
+    """A model whose MTP module drafts well without training: every block's writes into the
+    residual stream (o_proj, down_proj) are scaled by `eps`, so the main model is close to a bigram
+    model logits(t+1) ~ head(norm(emb(t+1))), and the MTP module's eh_proj passes the embedding of
+    t+1 through, so its draft is close to the same bigram prediction. `eps` sets how often the two
+    disagree (drafts rejected)."""
+    model = make_model(seed)
+    d = model.config.hidden_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+                p.mul_(eps)
+        for layer in model.mtp_layers:
+            w = torch.zeros(d, 2 * d)
+            w[:, :d] = torch.eye(d)
+            layer.eh_proj.weight.copy_(w + 0.05 * torch.randn(d, 2 * d))
+    return model
