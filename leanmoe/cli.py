@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seq-len", type=int)
     tr.add_argument("--batch-size", type=int, help="sequences per optimizer step")
     tr.add_argument("--micro-batch-size", type=int, help="sequences per forward pass (gradient accumulation)")
-    tr.add_argument("--lr", type=float, help="peak learning rate (default ~0.02/sqrt(hidden_size))")
+    tr.add_argument("--lr", type=float, help="peak learning rate (default 3e-3 * (256/hidden_size)^0.78)")
     tr.add_argument("--warmup-steps", type=int)
     tr.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default="cosine")
     tr.add_argument("--mtp-weight", type=float, help="MTP loss weight (default: the config's, 0.3)")

@@ -352,6 +352,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         moe_intermediate_size=128, n_shared_experts=1, n_routed_experts=16, num_experts_per_tok=2,
         first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=1.0,
         num_nextn_predict_layers=1,
+        bias_update_speed=0.01,  # runs of a few hundred steps: V3's 1e-3 would balance too slowly
     ),
     # A single-GPU model: ~0.6B total, ~0.15B activated.
     "small": dict(

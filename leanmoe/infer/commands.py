@@ -147,8 +147,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="a training run folder (its latest checkpoint) or an HF-layout folder with a tokenizer.json")
     g = p.add_argument_group("engine")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ... (default: cuda if available)")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--max-num-seqs", type=int, help="most sequences batched together (default 64)")
     g.add_argument("--block-size", type=int, help="tokens per cache block (default 64)")
     g.add_argument("--num-blocks", type=int, help="cache blocks (default: enough for max-num-seqs full sequences)")

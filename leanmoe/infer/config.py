@@ -29,6 +29,7 @@ class EngineConfig:
     enable_prefix_caching: share full cache blocks between requests with the same prompt prefix.
     speculative: draft with the checkpoint's first MTP module and verify in the next step
         (`None`: whenever the model has one).
+    device / dtype: "auto" picks cuda + bfloat16 when a GPU is there, else cpu + float32.
     dtype / cache_dtype: weights and cache; cache_dtype None follows dtype.
     """
 
@@ -39,8 +40,8 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     speculative: bool | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
     cache_dtype: str | None = None
     max_cache_bytes: int = 2 * 2**30
     seed: int = 0
@@ -48,6 +49,7 @@ class EngineConfig:
     def resolved(self, cfg: ModelConfig, has_mtp: bool) -> EngineConfig:
         """A copy with every None filled in from the model, validated; raises ValueError naming the field."""
         c = dataclasses.replace(self)
+        c.resolve_device()
         if c.block_size <= 0:
             raise ValueError(f"EngineConfig: block_size must be positive, got {c.block_size}")
         if c.max_num_seqs <= 0:
@@ -83,6 +85,13 @@ class EngineConfig:
             raise ValueError(f"EngineConfig: num_blocks={c.num_blocks} cannot hold one sequence of max_model_len="
                              f"{c.max_model_len} ({blocks_per_seq} blocks of {c.block_size})")
         return c
+
+    def resolve_device(self) -> None:
+        """Replace "auto" device/dtype by concrete ones (in place)."""
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.dtype == "auto":
+            self.dtype = "bfloat16" if torch.device(self.device).type == "cuda" else "float32"
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -89,6 +89,7 @@ class LLM:
             config.device, config.dtype = str(p.device), str(p.dtype).removeprefix("torch.")
             self.checkpoint: Path | None = None
         else:
+            config.resolve_device()
             self.checkpoint = resolve_checkpoint(model)
             if tokenizer is None:
                 tokenizer = find_tokenizer(model)

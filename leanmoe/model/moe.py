@@ -135,7 +135,7 @@ class MoE(nn.Module):
             order_M = flat_M.argsort(stable=True)  # token copies grouped by expert
         else:  # ids of -1 sort last and are cut off
             order_M = torch.where(flat_M < 0, self.experts.n_experts, flat_M).argsort(stable=True)[:n_copies]
-        y_MD = self.experts(x_ND[order_M // k], counts_E.cumsum(0, dtype=torch.int32))
+        y_MD = self.experts(x_ND.index_select(0, order_M // k), counts_E.cumsum(0, dtype=torch.int32))
         # un-sort with a gather (deterministic, unlike index_add on GPU), then weight and sum
         y_buf = torch.empty_like(y_MD) if n_copies is None else y_MD.new_zeros(n * k, y_MD.shape[-1])
         y_NKD = y_buf.index_copy(0, order_M, y_MD).view(n, k, y_MD.shape[-1])
