@@ -48,7 +48,7 @@ def make_step(model, ids, kind: str, compile_loss: bool = False):
             opt.step()
             opt.zero_grad(set_to_none=True)
             model.update_router_bias()
-            return loss
+            return loss.detach()
     else:
         def step():
             # transformers shifts labels itself: pass the unshifted window
@@ -56,7 +56,7 @@ def make_step(model, ids, kind: str, compile_loss: bool = False):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return loss
+            return loss.detach()
     return step
 
 

@@ -58,7 +58,7 @@ def cmd_train(args) -> int:
         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
         warmup_steps=args.warmup_steps, schedule=args.schedule, eval_interval=args.eval_interval,
         save_interval=args.save_interval, keep_last=args.keep_last, seed=args.seed, device=args.device,
-        dtype=args.dtype, compile=args.compile, resume=args.resume, mtp_weight=args.mtp_weight,
+        dtype=args.dtype, compile=args.compile, resume=args.resume, mtp_weight=args.mtp_weight, fp8=args.fp8,
         price_per_hour=args.price_per_hour, gpu=args.gpu, progress=not args.quiet,
     )
     pc = ParallelConfig(ep=args.ep, activation_checkpointing=args.activation_checkpointing,
@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--warmup-steps", type=int)
     tr.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default="cosine")
     tr.add_argument("--mtp-weight", type=float, help="MTP loss weight (default: the config's, 0.3)")
+    tr.add_argument("--fp8", action="store_true", help="train linear layers and experts in fine-grained FP8 "
+                    "(DeepSeek-V3 section 3.3; emulated on CPU)")
     tr.add_argument("--eval-interval", type=int)
     tr.add_argument("--save-interval", type=int)
     tr.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")

@@ -16,3 +16,28 @@ def micro_config(**overrides) -> ModelConfig:
     )
     base.update(overrides)
     return ModelConfig(**base)
+
+
+# A trainer-sized micro model (as a config.json dict) and a small English-like corpus, shared by
+# the single-process and distributed trainer tests.
+MICRO_TRAIN = {"vocab_size": 384, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 2, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 16,
+               "qk_rope_head_dim": 8, "v_head_dim": 16, "max_position_embeddings": 128,
+               "moe_intermediate_size": 32, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2,
+               "topk_group": 1, "first_k_dense_replace": 1, "num_nextn_predict_layers": 1,
+               "bias_update_speed": 0.01}
+
+
+def write_corpus(folder, n_docs: int = 30, lines: int = 50) -> None:
+    """n_docs deterministic text files of random sentences over a 26-word vocabulary."""
+    import random
+    from pathlib import Path
+
+    rng = random.Random(0)
+    words = ("the quick brown fox jumps over a lazy dog while small birds sing in green trees and "
+             "children play near old houses by the river").split()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        text = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 14))) + "." for _ in range(lines)]
+        (folder / f"doc{i}.txt").write_text("\n".join(text))

@@ -23,7 +23,7 @@ Assumptions (each is a parameter or stated here):
 - A training step moves, per MoE layer and micro-batch: dispatch (FP8 or bf16) and combine (bf16)
   forward; their gradients backward (a combine and a dispatch, bf16).
 
-Check (DEEPEP_H800): DeepEP's README (now docs/legacy.md, normal kernels, V1) measured H800s with
+Check (DEEPEP_H800): DeepEP's README (in the DeepEP repository, since moved to its docs/legacy.md; normal kernels, V1) measured H800s with
 ~160 GB/s NVLink and CX7 400 Gb/s (~50 GB/s) RDMA, 4096 tokens per rank, hidden 7168, top-8 of
 256 experts (top-4 node groups), FP8 dispatch and bf16 combine: 153 / 158 GB/s intranode at EP8
 (NVLink), 43 / 43, 58 / 57 and 51 / 50 GB/s internode at EP16 / 32 / 64 (RDMA). DeepEP reports
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cluster = Cluster(args.gpus_per_node, args.nvlink_gbps, args.rdma_gbps, args.efficiency)
     if args.deepep_check:
-        print("DeepEP normal kernels on H800 (README, now docs/legacy.md): 4096 tokens/rank, hidden 7168, top-8 of "
+        print("DeepEP normal kernels on H800 (DeepEP repository README): 4096 tokens/rank, hidden 7168, top-8 of "
               f"256, FP8 dispatch, bf16 combine. Model: NVLink {cluster.nvlink_gbps:g} GB/s, RDMA "
               f"{cluster.rdma_gbps:g} GB/s, efficiency {cluster.efficiency:g}.\n")
         print("| EP | link | dispatch predicted | dispatch published | error | combine predicted | "

@@ -57,6 +57,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     mtp_weight: float | None = None  # None: the model config's mtp_loss_weight
+    fp8: bool = False  # fine-grained FP8 linear layers and experts (sets the model config's fp8)
     bias_update_speed: float | None = None  # None: the model config's
 
     # evaluation, checkpoints, logging

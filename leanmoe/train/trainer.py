@@ -156,6 +156,8 @@ class Trainer:
         changes = {}
         if tc.mtp_weight is not None:
             changes["mtp_loss_weight"] = tc.mtp_weight
+        if tc.fp8:
+            changes["fp8"] = True
         if tc.bias_update_speed is not None:
             changes["bias_update_speed"] = tc.bias_update_speed
         return cfg.replace(**changes) if changes else cfg
@@ -641,7 +643,8 @@ class Trainer:
                     "step": step, "loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss, "aux_loss": aux_loss,
                     "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_second": tps,
                     "elapsed": elapsed, "mfu": mfu,
-                    "load_max_over_mean": (load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).tolist(),
+                    "load_max_over_mean": ((load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).tolist()
+                                           if load.numel() else []),  # [] for a dense model
                 }
                 final = self._progress(step, tokens, elapsed) >= 1.0 or (
                     stop_after is not None and steps_this_call >= stop_after)

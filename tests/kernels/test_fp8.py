@@ -12,15 +12,6 @@ from leanmoe.kernels.fp8 import (FP8_MAX, per_block_cast_to_fp8, per_block_cast_
 needs_triton = pytest.mark.skipif(fp8.triton is None, reason="triton is not installed")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # NOTE: these tests run many small ops; on a shared 2-core machine OpenMP's spin-waiting
-    # made 2 threads ~2x slower overall (20x for the training run). One thread is also deterministic.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture
 def triton_path(monkeypatch):

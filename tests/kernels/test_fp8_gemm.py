@@ -15,15 +15,6 @@ from leanmoe.kernels.grouped_gemm import grouped_mm_reference
 
 needs_triton = pytest.mark.skipif(fp8.triton is None, reason="triton is not installed")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # NOTE: these tests run many small ops; on a shared 2-core machine OpenMP's spin-waiting
-    # made 2 threads ~2x slower overall (20x for the training run). One thread is also deterministic.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
 
 # DeepGEMM's bound for FP8 operands against the unquantised product (bf16 output)

@@ -18,15 +18,6 @@ from tests.util import micro_config
 needs_triton = pytest.mark.skipif(fp8.triton is None, reason="triton is not installed")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # NOTE: these tests run many small ops; on a shared 2-core machine OpenMP's spin-waiting
-    # made 2 threads ~2x slower overall (20x for the training run). One thread is also deterministic.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _tok(x):  # quantise-dequantise with 1x128 tiles along the last axis
     return per_token_dequant(*per_token_cast_to_fp8(x))

@@ -17,15 +17,6 @@ from tests.util import micro_config
 needs_triton = pytest.mark.skipif(fp8.triton is None, reason="triton is not installed")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # NOTE: these tests run many small ops; on a shared 2-core machine OpenMP's spin-waiting
-    # made 2 threads ~2x slower overall (20x for the training run). One thread is also deterministic.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 V3 = micro_config().replace(kv_lora_rank=512, qk_rope_head_dim=64)  # DeepSeek-V3's latent: 512 + 64
 MICRO = micro_config()  # 12 + 4
 

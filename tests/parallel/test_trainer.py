@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +23,9 @@ from leanmoe.data.shards import TokenLoader
 from leanmoe.parallel.groups import ParallelConfig
 from leanmoe.train import TrainConfig, Trainer
 from tests.parallel.dist_util import spawn
+from tests.util import MICRO_TRAIN, write_corpus
 
-MICRO = {"vocab_size": 384, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-         "num_attention_heads": 2, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 16,
-         "qk_rope_head_dim": 8, "v_head_dim": 16, "max_position_embeddings": 128, "moe_intermediate_size": 32,
-         "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1,
-         "num_nextn_predict_layers": 1, "bias_update_speed": 0.01}
+MICRO = MICRO_TRAIN
 STEPS, BATCH, SEQ = 4, 8, 32
 RTOL = 1e-5
 
@@ -39,14 +35,8 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_train")
     old = os.environ.get("LEANMOE_CACHE")
     os.environ["LEANMOE_CACHE"] = str(root / "cache")
-    rng = random.Random(0)
-    words = ("the quick brown fox jumps over a lazy dog while small birds sing in green trees and "
-             "children play near old houses by the river").split()
     corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(30):
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 14))) + "." for _ in range(50)]
-        (corpus / f"doc{i}.txt").write_text("\n".join(lines))
+    write_corpus(corpus)
     (root / "micro.json").write_text(json.dumps(MICRO))
     yield root
     if old is None:
