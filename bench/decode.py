@@ -69,7 +69,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--speculative", action="store_true", help="draft with the MTP module (useful on trained weights)")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: both models run there")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
 
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()
@@ -80,10 +83,13 @@ def main() -> None:
         model = Transformer(ModelConfig.from_preset(args.preset)).eval()
         path = leanmoe.save_pretrained(model, tmp.name)
     cfg = model.config
+    model = model.to(args.device, dtype)
     llm = LLM(model, speculative=args.speculative, max_num_seqs=max(args.batch_sizes))
-    hf = None if args.no_transformers else load_transformers(path)
+    hf = None if args.no_transformers else load_transformers(path).to(args.device, dtype)
+    where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+             else f"{torch.get_num_threads()} CPU threads")
     print(f"# decode benchmark: {args.checkpoint or args.preset}, {cfg.num_hidden_layers} layers, "
-          f"{torch.get_num_threads()} CPU threads, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"{where}, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"speculative={llm.config.speculative}")
 
     rows = []
@@ -92,17 +98,25 @@ def main() -> None:
         g = torch.Generator().manual_seed(b)
         ids = torch.randint(10, cfg.vocab_size, (b, args.prompt_len), generator=g)
         prompts = ids.tolist()
+        ids = ids.to(args.device)
         full = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
         one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
+        def sync():
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+
         def run_leanmoe(params):
+            sync()
             t0 = time.perf_counter()
             outs = llm.generate(prompts, params)
             return time.perf_counter() - t0, [o.token_ids for o in outs]
 
         def run_hf(new):
+            sync()
             t0 = time.perf_counter()
             out = hf_generate(hf, ids, new)
+            sync()
             return time.perf_counter() - t0, out
 
         run_leanmoe(one)  # warm-up

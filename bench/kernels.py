@@ -14,6 +14,11 @@ describe the CPU reference path, not the kernels.
 
     python bench/kernels.py            # everything
     python bench/kernels.py --only mla --quick
+    python bench/kernels.py --sweep    # GPU: time alternative tile configurations first
+
+Every timed kernel output is first compared with the same call's reference (FP8 GEMMs: DeepGEMM's
+calc_diff against the unquantised product < 1e-3; MLA: relative error against the gather + SDPA
+baseline < 1e-2), so a fast wrong kernel cannot enter the table.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ import torch.nn.functional as F
 from leanmoe.kernels.fp8 import per_block_cast_to_fp8, per_token_cast_to_fp8
 from leanmoe.kernels.fp8_gemm import (contiguous_layout, fp8_gemm_nt, m_grouped_fp8_gemm_nt_contiguous,
                                       m_grouped_fp8_gemm_nt_masked)
+from leanmoe.kernels import fp8_gemm as fp8_gemm_mod
+from leanmoe.kernels import mla_decode as mla_mod
+from leanmoe.kernels.fp8_gemm import calc_diff
 from leanmoe.kernels.mla_decode import mla_decode
 
 # DeepGEMM's benchmark shapes: (M, N, K) of V3's dense projections at decode and prefill sizes
@@ -67,6 +75,12 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
 
 
+def verify(name: str, err: float, bound: float) -> None:
+    """A timed kernel must first be right on the very inputs it is timed on."""
+    if not err < bound:
+        raise SystemExit(f"WRONG RESULT: {name}: error {err:.3g} >= {bound:g}; not timing a wrong kernel")
+
+
 def _scaled_mm(a8: torch.Tensor, b8: torch.Tensor):
     """torch._scaled_mm with per-tensor scales (cuBLAS FP8), or None where it does not run."""
     one = torch.ones((), device=a8.device)
@@ -84,6 +98,7 @@ def bench_dense(shapes, dev: str, cuda: bool) -> None:
         b = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
         qa, qb = per_token_cast_to_fp8(a), per_block_cast_to_fp8(b)
         flops = 2 * m * n * k
+        verify(f"fp8_gemm_nt {m}x{n}x{k}", calc_diff(fp8_gemm_nt(qa, qb), a.float() @ b.float().T), 1e-3)
         t_fp8 = timer(lambda: fp8_gemm_nt(qa, qb), cuda)
         t_bf16 = timer(lambda: a @ b.T, cuda)
         sm = _scaled_mm(qa[0], qb[0]) if cuda else None
@@ -105,8 +120,11 @@ def bench_grouped(shapes, masked_shapes, dev: str, cuda: bool) -> None:
         w = torch.randn(g, n, k, device=dev, dtype=torch.bfloat16)
         qx, qw = per_token_cast_to_fp8(x), per_block_cast_to_fp8(w)
         flops = 2 * m * n * k
-        t_fp8 = timer(lambda: m_grouped_fp8_gemm_nt_contiguous(qx, qw, m_indices), cuda)
         xb = x[: m].view(g, m_per, k)
+        verify(f"m_grouped_contiguous {g}x{m_per}x{n}x{k}", calc_diff(
+            m_grouped_fp8_gemm_nt_contiguous(qx, qw, m_indices)[: m].view(g, m_per, n),
+            torch.bmm(xb.float(), w.float().transpose(1, 2))), 1e-3)
+        t_fp8 = timer(lambda: m_grouped_fp8_gemm_nt_contiguous(qx, qw, m_indices), cuda)
         t_bf16 = timer(lambda: torch.bmm(xb, w.transpose(1, 2)), cuda)  # equal groups: a batched matmul
         rows.append([f"{g}x{m_per}x{n}x{k}", f"{flops / t_fp8 / 1e12:.3g}", f"{flops / t_bf16 / 1e12:.3g}",
                      f"{t_bf16 / t_fp8:.2f}x"])
@@ -121,6 +139,8 @@ def bench_grouped(shapes, masked_shapes, dev: str, cuda: bool) -> None:
         qw = per_block_cast_to_fp8(w)
         masked_m = torch.full((g,), m, device=dev, dtype=torch.int32)
         flops = 2 * g * m * n * k
+        verify(f"m_grouped_masked {g}x{m}x{n}x{k}", calc_diff(m_grouped_fp8_gemm_nt_masked(qa, qw, masked_m, m),
+                                                              torch.bmm(a.float(), w.float().transpose(1, 2))), 1e-3)
         t_fp8 = timer(lambda: m_grouped_fp8_gemm_nt_masked(qa, qw, masked_m, m), cuda)
         t_bf16 = timer(lambda: torch.bmm(a, w.transpose(1, 2)), cuda)
         rows.append([f"{g}x{m}x{n}x{k}", f"{flops / t_fp8 / 1e12:.3g}", f"{flops / t_bf16 / 1e12:.3g}",
@@ -130,17 +150,36 @@ def bench_grouped(shapes, masked_shapes, dev: str, cuda: bool) -> None:
 
 
 def _sdpa_paged(q, kv_cache, block_table, seqlens, dv, scale):
-    """The baseline: gather every sequence's cache into a padded tensor, then SDPA (one kv head)."""
+    """The baseline: gather every sequence's cache into a padded tensor, then SDPA with the one
+    latent head shared by all query rows (MQA: rows = s_q x h_q, no per-head copy of the cache),
+    causal over the s_q new tokens as mla_decode(causal=True)."""
     b, s_q, h_q, d = q.shape
-    k = kv_cache[block_table.long(), :, 0].reshape(b, -1, d)  # [b, max_len, d]
-    mask = torch.arange(k.shape[1], device=q.device)[None, :] < seqlens[:, None]
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k[:, None], k[:, None, :, :dv],
-                                       attn_mask=mask[:, None, None], scale=scale, enable_gqa=True)
-    return o.transpose(1, 2)
+    k = kv_cache[block_table.long(), :, 0].reshape(b, 1, -1, d)  # [b, 1, max_len, d]
+    # row r = i * h_q + h sees keys < seqlen - (s_q - 1 - i)
+    limit = seqlens[:, None] - (s_q - 1 - torch.arange(s_q, device=q.device))[None]  # [b, s_q]
+    mask = torch.arange(k.shape[2], device=q.device)[None, None, :] < limit[..., None]  # [b, s_q, S]
+    mask = mask.repeat_interleave(h_q, dim=1)[:, None]  # [b, 1, s_q * h_q, S]
+    o = F.scaled_dot_product_attention(q.reshape(b, 1, s_q * h_q, d), k, k[..., :dv], attn_mask=mask, scale=scale)
+    return o.view(b, s_q, h_q, dv)
+
+
+def _mla_case(dev, b, s_q, h_q, s_k, verify_name, d=576, dv=512, bs=64):
+    """Random q and a full paged cache (shuffled blocks) for one shape, with mla_decode checked
+    against the SDPA baseline on it. -> (q, kv_cache, block_table, seqlens, bytes moved)."""
+    n_blocks = s_k // bs
+    kv = torch.randn(b * n_blocks, bs, 1, d, device=dev, dtype=torch.bfloat16)
+    block_table = torch.randperm(b * n_blocks, device=dev).view(b, n_blocks).to(torch.int32)
+    seqlens = torch.full((b,), s_k, device=dev, dtype=torch.int32)
+    q = torch.randn(b, s_q, h_q, d, device=dev, dtype=torch.bfloat16)
+    out = mla_decode(q, kv, block_table, seqlens, dv, d ** -0.5, causal=True)[0]
+    ref = _sdpa_paged(q, kv, block_table, seqlens, dv, d ** -0.5)
+    verify(f"{verify_name} b={b} s_q={s_q} h_q={h_q}",
+           ((out.float() - ref.float()).norm() / ref.float().norm()).item(), 1e-2)
+    return q, kv, block_table, seqlens, (b * s_k * d + q.numel() + b * s_q * h_q * dv) * 2
 
 
 def bench_mla(shapes, dev: str, cuda: bool) -> None:
-    d, dv, bs = 576, 512, 64
+    d, dv = 576, 512
     peak = None
     if cuda:
         props = torch.cuda.get_device_properties(dev)
@@ -148,13 +187,8 @@ def bench_mla(shapes, dev: str, cuda: bool) -> None:
             peak = 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8 / 1e9  # GB/s, DDR
     rows = []
     for b, s_q, h_q, s_k in shapes:
-        n_blocks = s_k // bs
-        kv = torch.randn(b * n_blocks, bs, 1, d, device=dev, dtype=torch.bfloat16)
-        block_table = torch.randperm(b * n_blocks, device=dev).view(b, n_blocks).to(torch.int32)
-        seqlens = torch.full((b,), s_k, device=dev, dtype=torch.int32)
-        q = torch.randn(b, s_q, h_q, d, device=dev, dtype=torch.bfloat16)
+        q, kv, block_table, seqlens, nbytes = _mla_case(dev, b, s_q, h_q, s_k, verify_name="mla_decode")
         scale = d ** -0.5
-        nbytes = (b * s_k * d + q.numel() + b * s_q * h_q * dv) * 2
         t = timer(lambda: mla_decode(q, kv, block_table, seqlens, dv, scale, causal=True), cuda)
         t_ref = timer(lambda: _sdpa_paged(q, kv, block_table, seqlens, dv, scale), cuda)
         gbs = nbytes / t / 1e9
@@ -164,10 +198,59 @@ def bench_mla(shapes, dev: str, cuda: bool) -> None:
           ["shape", "GB/s", "SDPA GB/s", "vs SDPA", "of peak"], rows)
 
 
+# --sweep: tile configurations tried on a GPU (block_m, block_n, num_warps, num_stages) for the FP8
+# GEMM and (rows per program, keys per step, num_warps, num_stages) for MLA decode; the first is
+# the library default.
+GEMM_CONFIGS = [(128, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3), (32, 64, 4, 4), (64, 64, 4, 6),
+                (128, 128, 8, 4)]
+GEMM_SWEEP = [(64, 2112, 7168), (128, 7168, 2048), (128, 24576, 1536), (4096, 7168, 16384)]
+MLA_CONFIGS = [(32, 32, 8, 2), (64, 32, 8, 2), (64, 16, 8, 2), (32, 64, 8, 2), (32, 64, 8, 3), (16, 64, 4, 2),
+               (16, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 3)]
+MLA_SWEEP = [(128, 1, 128, 4096), (64, 2, 128, 4096), (128, 1, 16, 8192)]
+
+
+def sweep(dev: str) -> None:
+    """Time each tile configuration on a few shapes (GPU only); prints TFLOPS / GB/s per config."""
+    rows = []
+    for cfg in GEMM_CONFIGS:
+        fp8_gemm_mod.TILE_OVERRIDE = cfg
+        row = [str(cfg)]
+        for m, n, k in GEMM_SWEEP:
+            a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            b = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+            qa, qb = per_token_cast_to_fp8(a), per_block_cast_to_fp8(b)
+            try:
+                verify("sweep", calc_diff(fp8_gemm_nt(qa, qb), a.float() @ b.float().T), 1e-3)
+                row.append(f"{2 * m * n * k / timer(lambda: fp8_gemm_nt(qa, qb), True) / 1e12:.0f}")
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - a config that fails or is wrong is reported
+                row.append("WRONG" if isinstance(e, SystemExit) else f"error: {type(e).__name__}")
+        rows.append(row)
+    fp8_gemm_mod.TILE_OVERRIDE = None
+    table("sweep: fp8_gemm_nt TFLOPS per (block_m, block_n, warps, stages)",
+          ["config"] + [f"{m}x{n}x{k}" for m, n, k in GEMM_SWEEP], rows)
+    rows = []
+    d, dv = 576, 512
+    for cfg in MLA_CONFIGS:
+        mla_mod.TILE_OVERRIDE = cfg
+        row = [str(cfg)]
+        for b, s_q, h_q, s_k in MLA_SWEEP:
+            try:
+                q, kv, table_, seqlens, nbytes = _mla_case(dev, b, s_q, h_q, s_k, verify_name="sweep")
+                t = timer(lambda: mla_decode(q, kv, table_, seqlens, dv, d ** -0.5, causal=True), True)
+                row.append(f"{nbytes / t / 1e9:.0f}")
+            except (Exception, SystemExit) as e:  # noqa: BLE001
+                row.append("WRONG" if isinstance(e, SystemExit) else f"error: {type(e).__name__}")
+        rows.append(row)
+    mla_mod.TILE_OVERRIDE = None
+    table("sweep: mla_decode GB/s per (rows, keys per step, warps, stages)",
+          ["config"] + [f"b={b} s_q={s} h={h} s_k={n}" for b, s, h, n in MLA_SWEEP], rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=["dense", "grouped", "mla"], help="run one group")
     p.add_argument("--quick", action="store_true", help="first few shapes only")
+    p.add_argument("--sweep", action="store_true", help="GPU: first time alternative tile configurations")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -176,6 +259,8 @@ def main() -> None:
     else:
         print("NO GPU: timing the torch CPU REFERENCES on reduced shapes. These numbers describe the\n"
               "CPU reference path (dequantise + fp32 matmul, gather + softmax), not the Triton kernels.")
+    if args.sweep and cuda:
+        sweep(dev)
     cut = (lambda s: s[:2]) if args.quick else (lambda s: s)
     if args.only in (None, "dense"):
         bench_dense(cut(DENSE if cuda else CPU_DENSE), dev, cuda)

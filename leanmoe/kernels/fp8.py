@@ -149,7 +149,12 @@ def _round_to_e4m3(y):
     """
     p2 = (y.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)  # 2^e
     q = tl.maximum(p2, 0.015625) * 0.125
-    return ((tl.math.div_rn(y, q) + 12582912.0) - 12582912.0) * q
+    r = ((tl.math.div_rn(y, q) + 12582912.0) - 12582912.0) * q
+    # y's sign bit on the result, so a negative value that rounds to zero is -0 as in torch's cast.
+    # NOTE: bit arithmetic, not `-x`: compiled Triton negates as 0 - x, which turns -0 into +0
+    # (seen on an H200: 15 in 4M elements were +0 where torch gives -0).
+    sign = y.to(tl.uint32, bitcast=True) & 0x80000000
+    return (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @_jit

@@ -52,7 +52,7 @@ def get_m_alignment_for_contiguous_layout() -> int:
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """DeepGEMM's similarity test: 1 - 2 sum(x y) / sum(x^2 + y^2); 0 for identical tensors."""
-    x, y = x.double(), y.double()
+    x, y = x.detach().double(), y.detach().double()
     denom = (x * x + y * y).sum()
     return float(1 - 2 * (x * y).sum() / denom) if denom > 0 else 0.0
 
@@ -148,6 +148,25 @@ def _upcast_mode(device_type: str, index: int | None, dtype: torch.dtype) -> int
     return 0
 
 
+# Tile configuration override (block_m, block_n, num_warps, num_stages) for GPU launches; set by
+# bench/kernels.py --sweep to time alternatives. None: `_tile_config`'s choice.
+TILE_OVERRIDE: tuple[int, int, int, int] | None = None
+
+
+def _tile_config(mode: int, m: int, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(block_m, block_n, num_warps, num_stages). The contiguous layout needs 128-row tiles (a
+    tile must not straddle groups); others shrink block_m to small M."""
+    block_m = 128 if mode == _M_CONTIGUOUS else max(16, min(128, _next_pow2(m)))
+    if not on_gpu:
+        return block_m, _INTERPRETER_BLOCK_N, 8, 3
+    if TILE_OVERRIDE is not None:
+        bm, bn, w, st = TILE_OVERRIDE
+        return (128 if mode == _M_CONTIGUOUS else min(bm, block_m)), bn, w, st
+    # Measured on an H200 (bench/kernels.py --sweep, docs/benchmarks.md): 128x128x128 tiles, 8
+    # warps, 3 stages were the best or within 10% of it at every swept shape.
+    return block_m, 128, 8, 3
+
+
 def _launch(mode: int, a, sa, b, sb, grp, out: torch.Tensor, m: int, n: int, k: int, n_groups: int) -> None:
     """Strides are read as 3-D ([group, row, col]); a 2-D operand gets group stride 0."""
     def s3(t):
@@ -157,18 +176,15 @@ def _launch(mode: int, a, sa, b, sb, grp, out: torch.Tensor, m: int, n: int, k: 
 
     scaled = sa is not None
     sb_rows = 1 if scaled and sb.shape[-2] == n and n > 1 else TILE
-    # contiguous layout: a row tile must not straddle groups, so it is the 128-row alignment
-    block_m = 128 if mode == _M_CONTIGUOUS else max(16, min(128, _next_pow2(m)))
-    block_n = 128 if a.device.type == "cuda" else _INTERPRETER_BLOCK_N
+    block_m, block_n, num_warps, num_stages = _tile_config(mode, m, a.device.type == "cuda")
     block_k = TILE if scaled else 64  # one scale per 128-wide step; bf16 tiles are twice the bytes
-    # NOTE: untuned (no GPU was available when this was written): 128x128x128 tiles, 8 warps and
-    # 3 stages are the usual Hopper FP8 starting point; bench/kernels.py measures them.
     grid = (cdiv(m, block_m) * cdiv(n, block_n), n_groups if mode in (_M_MASKED, _K_GROUPED) else 1)
     _gemm_nt_kernel[grid](
         a, b, out, sa if scaled else a, sb if scaled else b, grp if grp is not None else a,
         m, n, k, *s3(a), *s3(b), *s3(out), *s3(sa), *s3(sb),
         MODE=mode, SCALED=scaled, SB_ROWS=sb_rows, UPCAST=_upcast_mode(a.device.type, a.device.index, a.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
+        num_stages=num_stages)
 
 
 # ---------------------------------------------------------------------- torch reference

@@ -118,7 +118,7 @@ def _mla_decode_kernel(
     q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_ptr, lse_ptr,
     s_qb, s_qs, s_qh, s_kvb, s_kvt, s_btb, s_ob, s_or, s_os, s_lb, s_lr,
     H_Q, S_Q, DV, DR, PAGE, scale_log2,
-    CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr,
 ):
     """Program (b, row tile, split): rows r = i * H_Q + h of sequence b over its split of keys.
@@ -159,7 +159,8 @@ def _mla_decode_kernel(
         k_pe = tl.load(kv_row[:, None] + DV + dr[None, :], mask=tok_ok[:, None] & (dr < DR)[None, :], other=0.0)
         if DOT_F32:
             k_nope, k_pe = k_nope.to(tl.float32), k_pe.to(tl.float32)
-        s = tl.dot(q_nope, tl.trans(k_nope)) + tl.dot(q_pe, tl.trans(k_pe))  # [BLOCK_H, BLOCK_N]
+        s = (tl.dot(q_nope, tl.trans(k_nope), input_precision=PRECISION)
+             + tl.dot(q_pe, tl.trans(k_pe), input_precision=PRECISION))  # [BLOCK_H, BLOCK_N]
         visible = tok_ok[None, :] & (toks[None, :] <= last[:, None])
         s = tl.where(visible, s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -167,7 +168,7 @@ def _mla_decode_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(k_nope.dtype), k_nope)
+        acc = acc * alpha[:, None] + tl.dot(p.to(k_nope.dtype), k_nope, input_precision=PRECISION)
         m_i = m_new
 
     has = l_i > 0.0
@@ -204,6 +205,11 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+# GPU tile configuration override (rows per program, keys per step, num_warps, num_stages); set by
+# bench/kernels.py --sweep to time alternatives. None: the defaults in mla_decode_triton.
+TILE_OVERRIDE: tuple[int, int, int, int] | None = None
+
+
 def _num_splits(q: torch.Tensor, work_tiles: int, max_len: int, block_n: int) -> int:
     """Enough (batch, head tile, split) programs to fill the GPU twice over, each split keeping at
     least a few BLOCK_N steps. max_len is the static bound max_blocks * block_size (no sync)."""
@@ -233,10 +239,17 @@ def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torc
     rows = s_q * h_q
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     on_gpu = q.is_cuda
-    # NOTE: untuned (no GPU when written). 32 query rows x 32 keys keeps the fp32 accumulator
-    # [32, 512] at 64 registers a thread with 8 warps; the interpreter prefers wide tiles.
-    block_h = max(16, min(32 if on_gpu else 64, _next_pow2(rows)))
-    block_n = 32 if on_gpu else 64
+    # Measured on an H200 (bench/kernels.py --sweep, docs/benchmarks.md): with many query rows
+    # (128 heads) 64 rows x 32 keys per step, so each K tile is read by half as many programs
+    # (619 vs 319 GB/s for 32 x 32); with few rows (16 heads) 64 keys per step (2230 vs 1520
+    # GB/s). 8 warps, 2 stages. The interpreter prefers wide tiles.
+    if on_gpu:
+        max_h, block_n, num_warps, num_stages = (64, 32, 8, 2) if rows >= 64 else (32, 64, 8, 2)
+    else:
+        max_h, block_n, num_warps, num_stages = 64, 64, 8, 2
+    if on_gpu and TILE_OVERRIDE is not None:
+        max_h, block_n, num_warps, num_stages = TILE_OVERRIDE
+    block_h = max(16, min(max_h, _next_pow2(rows)))
     row_tiles = cdiv(rows, block_h)
     if num_splits is None:
         num_splits = _num_splits(q, b * row_tiles, block_table.shape[1] * page, block_n)
@@ -247,14 +260,15 @@ def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torc
     o_part = torch.empty(b, rows, num_splits, head_dim_v, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(b, rows, num_splits, device=q.device, dtype=torch.float32)
     kv = kv_cache[:, :, 0]  # [n_blocks, bs, d]
+    dot_f32 = (not on_gpu) or q.dtype == torch.float32
     _mla_decode_kernel[(b, row_tiles, num_splits)](
         q, kv, block_table, cache_seqlens, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), block_table.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
         h_q, s_q, head_dim_v, dr, page, scale * math.log2(math.e),
-        CAUSAL=causal, DOT_F32=(not on_gpu) or q.dtype == torch.float32,
+        CAUSAL=causal, DOT_F32=dot_f32, PRECISION="ieee" if dot_f32 else "tf32",  # fp32 dots: IEEE, not TF32
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DV=max(16, _next_pow2(head_dim_v)),
-        BLOCK_DR=max(16, _next_pow2(dr)), num_warps=8, num_stages=2)
+        BLOCK_DR=max(16, _next_pow2(dr)), num_warps=num_warps, num_stages=num_stages)
     _mla_combine_kernel[(b, rows)](
         o_part, lse_part, out, lse, o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), out.stride(2),

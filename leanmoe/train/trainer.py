@@ -169,8 +169,9 @@ class Trainer:
             tc.seq_len = min(2048 if gpu else 256, cfg.max_position_embeddings)
         if tc.batch_size is None:
             tc.batch_size = (32 if gpu else 16) * self.world  # the global batch
-        if tc.micro_batch_size is None:
-            tc.micro_batch_size = max(1, tc.batch_size // self.world)  # per rank
+        if tc.micro_batch_size is None:  # per rank; `_check` shrinks it to the free memory
+            tc.micro_batch_size = max(1, tc.batch_size // self.world)
+            self._auto_micro_batch = True
         if tc.lr is None:
             # 3e-3 at the tiny width (best of 1.25e-3 / 3e-3 / 5e-3 in 3-minute CPU runs), falling
             # as hidden^-0.78 to DeepSeek-V3's own 2.2e-4 at hidden 7168
@@ -203,6 +204,16 @@ class Trainer:
             raise TrainingError(f"--dtype must be fp32 or bf16, got {tc.dtype!r}")
         need = estimate_step_memory(cfg, tc.micro_batch_size, tc.seq_len, world_size=self.world)
         have = _available_memory(self.device)
+        if have is not None and need > 0.9 * have and getattr(self, "_auto_micro_batch", False):
+            per_rank = tc.batch_size // self.world
+            fits = [d for d in range(1, tc.micro_batch_size) if per_rank % d == 0
+                    and estimate_step_memory(cfg, d, tc.seq_len, world_size=self.world) <= 0.9 * have]
+            if fits:
+                self._say(f"micro-batch {tc.micro_batch_size} -> {max(fits)} sequences of {tc.seq_len} tokens to fit "
+                          f"{have / 2**30:.0f} GiB free on {self.device} (gradient accumulation keeps the batch "
+                          f"of {tc.batch_size}); --micro-batch-size sets it")
+                tc.micro_batch_size = max(fits)
+                need = estimate_step_memory(cfg, tc.micro_batch_size, tc.seq_len, world_size=self.world)
         if have is not None and need > 0.9 * have:
             raise TrainingError(
                 f"a micro-batch of {tc.micro_batch_size} x {tc.seq_len} tokens needs about {need / 2**30:.1f} GiB "

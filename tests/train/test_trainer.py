@@ -177,7 +177,7 @@ def test_bad_inputs_fail_clearly(tmp_path, corpus):
     with pytest.raises(TrainingError, match="max_position_embeddings"):
         Trainer(_tc(tmp_path, corpus, seq_len=4096, max_steps=1)).train()
     with pytest.raises(TrainingError, match="lower --micro-batch-size"):
-        Trainer(_tc(tmp_path, corpus, batch_size=10**7, max_steps=1)).train()
+        Trainer(_tc(tmp_path, corpus, batch_size=10**7, micro_batch_size=10**7, max_steps=1)).train()
     with pytest.raises(TrainingError, match="multiple of --micro-batch-size"):
         Trainer(_tc(tmp_path, corpus, batch_size=8, micro_batch_size=3, max_steps=1)).train()
 
@@ -202,6 +202,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
     assert [p.name for p in list_checkpoints(run)] == ["step-2"]
     model = leanmoe.from_pretrained(run)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_default_micro_batch_shrinks_to_free_memory(tmp_path, corpus, monkeypatch):
+    # free memory for a micro-batch of 2 but not of 8: the default shrinks, the batch stays 8
+    cfg = leanmoe.ModelConfig.from_pretrained(tmp_path / "micro.json")
+    room = trainer_mod.estimate_step_memory(cfg, 2, 32) / 0.9 + 1
+    assert trainer_mod.estimate_step_memory(cfg, 4, 32) > 0.9 * room
+    monkeypatch.setattr(trainer_mod, "_available_memory", lambda device: int(room))
+    t = Trainer(_tc(tmp_path, corpus, max_steps=1))
+    t.train()
+    assert (t.tc.batch_size, t.tc.micro_batch_size) == (8, 2)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 1
+    with pytest.raises(TrainingError, match="lower --micro-batch-size"):  # an explicit one is kept, and refused
+        Trainer(_tc(tmp_path, corpus, "b", micro_batch_size=8, max_steps=1)).train()
 
 
 def test_cli_end_to_end_and_error_exit(tmp_path, corpus):
