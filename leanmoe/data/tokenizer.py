@@ -95,6 +95,7 @@ class Tokenizer:
         self._json = json.dumps(spec, sort_keys=True, ensure_ascii=False)
         self._token_bytes: np.ndarray | None = None
         self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        self._plain: HFTokenizer | None = None  # a copy that reads special-token strings as text
 
     # ------------------------------------------------------------------ ids
     @property
@@ -177,6 +178,27 @@ class Tokenizer:
         if add_generation_prompt:
             parts.append("<|assistant|>")
         return "".join(parts)
+
+    def encode_text_only(self, text: str) -> list[int]:
+        """Like `encode`, but a special token's string inside `text` ("<|system|>", say) is encoded
+        as ordinary text, never as the control token: for untrusted content."""
+        if self._plain is None:
+            plain = HFTokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `apply_chat_template(messages)`, with each message's content encoded by
+        `encode_text_only`: a user cannot open a new turn or a system message by typing its
+        marker. Equal to `encode(apply_chat_template(...))` for content without such markers."""
+        self.apply_chat_template(messages, add_generation_prompt=False)  # validates roles and contents
+        ids: list[int] = []
+        for m in messages:
+            ids += [self.id_of(f"<|{m['role']}|>"), *self.encode_text_only(m["content"]), self.id_of(END)]
+        if add_generation_prompt:
+            ids.append(self.id_of("<|assistant|>"))
+        return ids
 
     # ------------------------------------------------------------------ files
     def fingerprint(self) -> str:

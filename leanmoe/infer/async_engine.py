@@ -39,13 +39,18 @@ class AsyncEngine:
         self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # registration of a listener and the dead thread's last broadcast exclude each other, so
+        # no request can register after that broadcast and wait forever
+        self._lock = threading.Lock()
+        self._dead = False
         self.error: BaseException | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             return
         self._stopping = False
+        self._dead = False
         self._thread = threading.Thread(target=self._run, name="leanmoe-engine", daemon=True)
         self._thread.start()
 
@@ -55,6 +60,9 @@ class AsyncEngine:
         self._stopping = True
         self._commands.put(("stop", None))
         self._thread.join(timeout)
+        if self._thread.is_alive():  # a step still running: keep the handle, so start() cannot add a second thread
+            log.warning("engine thread did not stop within %.0f s", timeout)
+            return
         self._thread = None
 
     @property
@@ -65,13 +73,14 @@ class AsyncEngine:
     async def generate(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
         """Submit a sequence (from `LLM.make_sequence`) and yield its outputs until it finishes.
         Leaving the loop early (break, cancellation, disconnect) aborts the request."""
-        if not self.is_running:
-            raise EngineDeadError("the inference engine is not running")
         rid = seq.request_id
-        if rid in self._listeners:
-            raise ValueError(f"request id {rid!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()
-        self._listeners[rid] = (asyncio.get_running_loop(), q)
+        with self._lock:
+            if self._dead or not self.is_running:
+                raise EngineDeadError("the inference engine is not running")
+            if rid in self._listeners:
+                raise ValueError(f"request id {rid!r} is already in use")
+            self._listeners[rid] = (asyncio.get_running_loop(), q)
         self._commands.put(("add", seq))
         finished = False
         try:
@@ -141,7 +150,10 @@ class AsyncEngine:
             log.exception("engine thread died")
         finally:
             dead = EngineDeadError("the inference engine stopped")
-            self._deliver([(rid, dead) for rid in list(self._listeners)])
+            with self._lock:
+                self._dead = True
+                waiting = list(self._listeners)
+            self._deliver([(rid, dead) for rid in waiting])
 
 
 def _put_all(pairs: list[tuple[asyncio.Queue, Any]]) -> None:

@@ -79,8 +79,7 @@ def chat_loop(llm, params, system: str | None = None, read: Callable[[str], str]
             out.write("(conversation cleared)\n")
             continue
         messages.append({"role": "user", "content": line})
-        prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = llm.tokenizer.encode(prompt)
+        ids = llm.tokenizer.encode_chat(messages, add_generation_prompt=True)
         room = llm.max_model_len - len(ids)
         if room < 1:
             out.write(f"(the conversation is longer than the model's context of {llm.max_model_len} tokens; "

@@ -95,22 +95,20 @@ class Sampler:
         top_ks = [p.top_k for p in params]
         top_ps = [p.top_p for p in params]
         if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
+            # as transformers and vLLM: top-k first (ties broken by token id), then top-p over the
+            # renormalised top-k distribution, keeping the smallest prefix whose mass reaches p
             vocab = logits_BV.shape[-1]
-            sorted_BV, _ = logits_BV.sort(dim=-1, descending=True)
-            keep_from_BV = torch.zeros_like(logits_BV, dtype=torch.bool)
+            sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True, stable=True)
+            drop_BV = torch.zeros_like(sorted_BV, dtype=torch.bool)  # in sorted order
             if any(k > 0 for k in top_ks):
                 k_B = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_ks], device=logits_BV.device)
-                kth_B = sorted_BV.gather(1, (k_B - 1)[:, None])  # k-th largest value per row
-                keep_from_BV |= logits_BV < kth_B
+                drop_BV |= torch.arange(vocab, device=logits_BV.device)[None] >= k_B[:, None]
             if any(p < 1.0 for p in top_ps):
                 p_B = torch.tensor(top_ps, device=logits_BV.device, dtype=torch.float32)
-                probs_BV = sorted_BV.softmax(dim=-1)
-                # keep sorted entries whose preceding mass is < top_p (the first one always)
-                before_BV = probs_BV.cumsum(dim=-1) - probs_BV
-                n_keep_B = (before_BV < p_B[:, None]).sum(dim=-1).clamp(min=1)
-                cut_B = sorted_BV.gather(1, (n_keep_B - 1)[:, None])
-                keep_from_BV |= logits_BV < cut_B
-            logits_BV = logits_BV.masked_fill(keep_from_BV, float("-inf"))
+                probs_BV = sorted_BV.masked_fill(drop_BV, float("-inf")).softmax(dim=-1)
+                before_BV = probs_BV.cumsum(dim=-1) - probs_BV  # mass ahead of each entry; the first's is 0
+                drop_BV |= (before_BV >= p_B[:, None]) & (p_B < 1.0)[:, None]
+            logits_BV = logits_BV.masked_fill(torch.zeros_like(drop_BV).scatter(1, order_BV, drop_BV), float("-inf"))
         return logits_BV
 
     def noise(self, shape: tuple[int, ...], gens: list[torch.Generator | None]) -> torch.Tensor:

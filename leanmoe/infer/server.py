@@ -71,9 +71,13 @@ async def _parse(request: Request, model: type) -> Any:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it arrives: a chunked upload has no length
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -184,10 +188,13 @@ class _Handler:
         if tok is None or not hasattr(tok, "apply_chat_template"):
             raise APIError(400, "this model has no chat template; use /v1/completions")
         try:
-            text = tok.apply_chat_template(req.chat_messages(), add_generation_prompt=True)
+            if hasattr(tok, "encode_chat"):  # message contents cannot smuggle in control tokens
+                prompt: str | list[int] = tok.encode_chat(req.chat_messages(), add_generation_prompt=True)
+            else:
+                prompt = tok.apply_chat_template(req.chat_messages(), add_generation_prompt=True)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        return self._sequences([text], req, self.llm.chat_stop_token_ids(), prompt_param="messages")
+        return self._sequences([prompt], req, self.llm.chat_stop_token_ids(), prompt_param="messages")
 
     # ------------------------------------------------------------------ running them
     async def outputs(self, seqs: list[Sequence]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -232,6 +232,8 @@ class Trainer:
                 raise TrainingError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; nothing to resume")
             saved = json.loads((ckpt / "trainer_state.json").read_text())
             base = TrainConfig.from_dict(saved["train_config"])
+            if tc.budget_given():  # a new budget replaces the saved one (which may be the implicit 10 minutes)
+                base.max_steps = base.max_tokens = base.time_budget = None
             for name in ("max_steps", "max_tokens", "time_budget", "eval_interval", "save_interval", "keep_last",
                          "progress", "device", "compile", "price_per_hour", "gpu"):
                 value = getattr(tc, name)
@@ -320,6 +322,11 @@ class Trainer:
             if n < tc.seq_len + 1:
                 raise TrainingError(f"the {split} split has {n} tokens, fewer than one window of --seq-len "
                                     f"{tc.seq_len} + 1; add data or lower --seq-len")
+        if self.world > 1:  # every rank needs a validation batch: fail now, not at the first evaluation
+            from leanmoe.data.shards import eval_batches
+
+            next(eval_batches(self.shards.val, tc.micro_batch_size, tc.seq_len, tc.eval_batches, rank=self.rank,
+                              world_size=self.world))
 
     def _build_model(self, cfg: ModelConfig) -> Transformer:
         """The model on its device; parallelized (EP, FSDP2, checkpointing) in a distributed run."""
@@ -448,7 +455,13 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash: drop it
+                continue
         tmp = path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, path)

@@ -25,6 +25,12 @@ def test_greedy_and_filters():
     lp = torch.tensor([[0.5, 0.3, 0.2]]).log()
     assert torch.isfinite(s.filtered_logits(lp, [SamplingParams(top_p=0.6)])).tolist() == [[True, True, False]]
     assert torch.isfinite(s.filtered_logits(lp, [SamplingParams(top_p=0.5)])).tolist() == [[True, False, False]]
+    # as transformers: ties at the k-th value keep the lower token ids, and top-p applies to the
+    # renormalised top-k distribution (0.4/0.7 already reaches 0.5: one token, not three)
+    tied = torch.tensor([[0.4, 0.3, 0.3, 1e-4]]).log()
+    assert torch.isfinite(s.filtered_logits(tied, [SamplingParams(top_k=2)])).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(s.filtered_logits(tied, [SamplingParams(top_k=2, top_p=0.5)])).tolist() == \
+        [[True, False, False, False]]
     # mixed batch: the greedy row stays greedy
     out = s.sample(logits, [SamplingParams(temperature=0), SamplingParams(temperature=1.0)], [None, None])
     assert out[0].item() == 1

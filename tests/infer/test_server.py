@@ -132,6 +132,7 @@ BAD_BODIES = [
     ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": MODEL, "prompt": "x", "logprobs": 2}, "logprobs"),
     ({"prompt": "x"}, "model"),
+    ({"model": MODEL, "prompt": "x", "seed": 2**64}, "seed"),
 ]
 
 
@@ -156,6 +157,16 @@ def test_other_bad_requests(server, client):
         client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "x"}])
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1000)
+    # an oversized body is refused also when it is chunked (no Content-Length to check up front)
+    from leanmoe.infer.server import MAX_BODY_BYTES
+
+    def chunks():
+        yield b'{"model": "micro", "prompt": "'
+        for _ in range(MAX_BODY_BYTES // 2**16 + 2):
+            yield b"a" * 2**16
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), headers=headers, timeout=30)
+    assert r.status_code == 413 and "error" in r.json()
     r = httpx.get(server.url + "/v1/nope", headers=headers)
     assert r.status_code == 404 and "error" in r.json()
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}  # still serving

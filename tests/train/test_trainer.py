@@ -101,6 +101,18 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, corpus, monkeypatch)
     assert _losses(run) == reference  # exactly: same data, weights, optimizer state, schedule
 
 
+def test_resume_with_a_new_budget_and_a_torn_metrics_line(tmp_path, corpus):
+    first = Trainer(_tc(tmp_path, corpus, max_tokens=2 * 8 * 32, eval_interval=100)).train()  # 2 steps
+    assert first.steps == 2
+    with open(first.run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 4.')  # a crash in the middle of a line
+    # --max-steps replaces the saved token budget (else the run would stop at once)
+    resumed = Trainer(TrainConfig(out=str(first.run_dir), resume=True, max_steps=4, progress=False)).train()
+    assert resumed.steps == 4
+    assert [m["step"] for m in map(json.loads, (first.run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in m] == [1, 2, 3, 4]
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, corpus, monkeypatch):
     real = ckpt_mod.save_pretrained
     calls = {"n": 0}
