@@ -10,6 +10,7 @@ as in DeepSeek's release, so `state_dict()` keys are HF keys apart from the stac
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -100,6 +101,12 @@ class LossOutput:
     logits: torch.Tensor | None = None
 
 
+def _generator(seed: int, key: str) -> torch.Generator:
+    """A CPU generator for one parameter: (seed, key) -> a 63-bit seed (stable across runs)."""
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    return torch.Generator(device="cpu").manual_seed((seed ^ h) % 2**63)
+
+
 def _sum_aux(aux: list[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
     terms = [a for a in aux if a is not None]
     return torch.stack(terms).sum() if terms else like.new_zeros(())
@@ -110,12 +117,15 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        # the init seed is the first draw after torch.manual_seed, before the submodules'
+        # constructors consume the generator (they do not on the meta device)
+        seed = int(torch.randint(0, 2**62, (), device="cpu"))
         self.config = cfg
         self.model = Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.init_weights()
+        self.init_weights(seed)
         if cfg.fp8:  # linear layers and experts train in fine-grained FP8 (V3 section 3.3)
             from leanmoe.kernels.fp8_linear import convert_to_fp8  # lazy: `import leanmoe` stays triton-free
 
@@ -136,24 +146,41 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """N(0, initializer_range) for matrices and embeddings; projections that write into the
-        residual stream (o_proj, down_proj) scaled by 1/sqrt(2 * layers) (GPT-2); norms at 1."""
-        std = self.config.initializer_range
-        out_std = std / math.sqrt(2 * (self.config.num_hidden_layers + self.config.num_nextn_predict_layers))
+        residual stream (o_proj, down_proj) scaled by 1/sqrt(2 * layers) (GPT-2); norms at 1.
+
+        Each parameter (each expert of a stacked expert weight) draws from its own generator,
+        seeded by `seed` and its name (`initial_value`), so a model built in pieces, as
+        `leanmoe.parallel.parallelize.materialize` does on each rank, gets exactly the weights
+        of one built whole. seed: default drawn from torch's global generator, so
+        `torch.manual_seed` decides it. Parameters on the meta device are skipped."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), device="cpu"))
         for name, p in self.named_parameters():
             if isinstance(p, torch.Tensor) and p.device.type == "meta":
                 continue
-            if p.dim() == 1:
-                p.fill_(1.0)  # RMSNorm weights
-            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
-                p.normal_(0.0, out_std)
-            else:
-                p.normal_(0.0, std)
+            p.copy_(self.initial_value(name, tuple(p.shape), seed))
         for m in self.modules():
-            if isinstance(m, Router):
+            if isinstance(m, Router) and m.e_score_correction_bias.device.type != "meta":
                 m.e_score_correction_bias.zero_()
         self.reset_buffers()
+
+    def initial_value(self, name: str, shape: tuple[int, ...], seed: int, experts: range | None = None) -> torch.Tensor:
+        """The initial value (fp32, CPU) of parameter `name`, whose full shape is `shape`; for a
+        stacked expert weight ([E, ...]) only the experts in `experts` (default all)."""
+        std = self.config.initializer_range
+        if len(shape) == 1:
+            return torch.ones(shape, device="cpu")  # RMSNorm weights
+        if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+            std /= math.sqrt(2 * (self.config.num_hidden_layers + self.config.num_nextn_predict_layers))
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            rows = range(shape[0]) if experts is None else experts
+            out = torch.empty(len(rows), *shape[1:], device="cpu")
+            for j, e in enumerate(rows):
+                out[j].normal_(0.0, std, generator=_generator(seed, f"{name}[{e}]"))
+            return out
+        return torch.empty(shape, device="cpu").normal_(0.0, std, generator=_generator(seed, name))
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)build non-persistent buffers (rope tables, load counters), e.g. after loading

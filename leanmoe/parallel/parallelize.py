@@ -36,8 +36,8 @@ from leanmoe.model.transformer import MTPLayer, Transformer
 from leanmoe.parallel.ep import ExpertParallel
 from leanmoe.parallel.groups import ParallelDims
 
-__all__ = ["parallelize", "shard_experts", "shard_moe", "apply_activation_checkpointing", "apply_fsdp",
-           "clip_grad_norm_"]
+__all__ = ["parallelize", "materialize", "shard_experts", "shard_moe", "apply_activation_checkpointing",
+           "apply_fsdp", "clip_grad_norm_"]
 
 
 @torch.no_grad()
@@ -126,6 +126,39 @@ def parallelize(model: Transformer, dims: ParallelDims | None, *, param_dtype: t
         model.reset_buffers(dims.device)  # rope tables and load counters, rebuilt there
     elif dims is not None:
         model.to(dims.device)
+    return model
+
+
+@torch.no_grad()
+def materialize(model: Transformer, device: torch.device | str, seed: int) -> Transformer:
+    """Give a model built on the meta device and then parallelized its storage on `device`, and
+    the values `Transformer.init_weights(seed)` gives the whole model: each rank computes only
+    its own experts and, one at a time, the other parameters before keeping its slice. So no
+    rank ever holds the whole model, and every world size starts from the same weights.
+
+        seed = int(torch.randint(0, 2**62, ()))        # the same on every rank
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        parallelize(model, dims)
+        materialize(model, dims.device, seed)
+    """
+    from leanmoe.parallel.checkpoint import expert_parallel_params, local_shard
+
+    model.to_empty(device=device)
+    ep = expert_parallel_params(model)
+    for name, p in model.named_parameters():
+        disp = ep.get(name)
+        if disp is not None:  # this rank's experts only (the EP slice), then its FSDP piece of them
+            value = model.initial_value(name, (disp.num_experts, *p.shape[1:]), seed,
+                                        experts=range(disp.first_expert, disp.first_expert + disp.num_local_experts))
+        else:
+            value = model.initial_value(name, tuple(p.shape), seed)
+        piece = local_shard(value, p)
+        local = p.to_local() if hasattr(p, "to_local") else p
+        local.copy_(piece.to_local() if hasattr(piece, "to_local") else piece)
+    for moe in model.moe_layers():
+        moe.gate.e_score_correction_bias.zero_()
+    model.reset_buffers(device)
     return model
 
 

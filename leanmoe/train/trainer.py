@@ -329,10 +329,12 @@ class Trainer:
                               world_size=self.world))
 
     def _build_model(self, cfg: ModelConfig) -> Transformer:
-        """The model on its device; parallelized (EP, FSDP2, checkpointing) in a distributed run."""
-        model = Transformer(cfg)
+        """The model on its device; parallelized (EP, FSDP2, checkpointing) in a distributed run,
+        where it is built on the meta device and each rank initialises only its own shards (the
+        same weights as a single-process run with the same seed)."""
         pc = self.pc
         if self.dims is None:
+            model = Transformer(cfg)
             if pc.fp8_dispatch or pc.bf16_combine:
                 self._say("--fp8-dispatch / --bf16-combine only change expert-parallel runs (--ep > 1); ignored")
             model = model.to(self.device)
@@ -341,11 +343,15 @@ class Trainer:
 
                 apply_activation_checkpointing(model)
             return model
-        from leanmoe.parallel.parallelize import parallelize
+        from leanmoe.parallel.parallelize import materialize, parallelize
 
-        return parallelize(model, self.dims, param_dtype=torch.bfloat16 if self.tc.dtype == "bf16" else None,
-                           activation_checkpointing=pc.activation_checkpointing, fp8_dispatch=pc.fp8_dispatch,
-                           combine_dtype=torch.bfloat16 if pc.bf16_combine else None)
+        seed = int(torch.randint(0, 2**62, (), device="cpu"))  # what Transformer(cfg) would draw first
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        parallelize(model, self.dims, param_dtype=torch.bfloat16 if self.tc.dtype == "bf16" else None,
+                    activation_checkpointing=pc.activation_checkpointing, fp8_dispatch=pc.fp8_dispatch,
+                    combine_dtype=torch.bfloat16 if pc.bf16_combine else None)
+        return materialize(model, self.dims.device, seed)
 
     # ------------------------------------------------------------------ distributed plumbing
     def _local_device(self, device: torch.device) -> torch.device:

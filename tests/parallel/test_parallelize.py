@@ -47,6 +47,24 @@ def _parallel_worker(out_dir: str) -> None:
         else:
             assert back == {}
 
+    # built on the meta device, each rank initialising only its shards: the whole model's weights
+    from leanmoe.parallel.parallelize import materialize
+
+    whole = Transformer(micro_config(n_routed_experts=8))
+    whole.init_weights(seed=1234)
+    with torch.device("meta"):
+        meta = Transformer(micro_config(n_routed_experts=8))
+    parallelize(meta, dims)
+    materialize(meta, "cpu", 1234)
+    back = full_model_state_dict(meta)
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in meta.parameters())
+    with checks("meta_init_matches_whole_model"):
+        assert local < 0.75 * sum(p.numel() for p in whole.parameters())  # only this rank's shards exist
+        if rank == 0:
+            assert set(back) == set(whole.state_dict())
+            for name, t in whole.state_dict().items():
+                torch.testing.assert_close(back[name], t, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
     # mixed precision: bf16 compute, fp32 master weights and reduction; the router stays fp32
     mp = parallelize(copy.deepcopy(_model()), dims, param_dtype=torch.bfloat16)
     seen = {}
@@ -81,7 +99,8 @@ def parallel_results(tmp_path_factory):
     return load_checks(folder, 2)
 
 
-@pytest.mark.parametrize("check", ["full_state_round_trip", "mixed_precision_bf16", "bad_ep_is_explained"])
+@pytest.mark.parametrize("check", ["full_state_round_trip", "meta_init_matches_whole_model", "mixed_precision_bf16",
+                                   "bad_ep_is_explained"])
 def test_parallelize(parallel_results, check):
     assert_check(parallel_results, check)
 
