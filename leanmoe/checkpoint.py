@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import contextlib
 import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -27,7 +29,8 @@ from safetensors.torch import save_file
 from leanmoe.config import ModelConfig
 from leanmoe.model.transformer import Transformer
 
-__all__ = ["save_pretrained", "from_pretrained", "resolve_checkpoint", "hf_state_dict", "load_hf_state_dict", "dequantize_fp8_blocks"]
+__all__ = ["save_pretrained", "from_pretrained", "resolve_checkpoint", "hf_state_dict", "load_hf_state_dict",
+           "dequantize_fp8_blocks", "CheckpointReader"]
 
 _EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -113,6 +116,49 @@ def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(f), framework="pt") as fh:
             for name in fh.keys():
                 yield name, fh.get_tensor(name)
+
+
+class CheckpointReader:
+    """One tensor at a time from a checkpoint folder (sharded or not), by name, without reading
+    the rest: `with CheckpointReader(path) as r: w = r.get(name)`. FP8 weights stored with a
+    `weight_scale_inv` come back dequantised (fp32); `rows(name, start, n)` reads a slice of dim 0
+    (an expert-parallel rank's experts of a stacked tensor) without the other rows."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._where: dict[str, Path] = {}
+        for f in _checkpoint_files(self.path):
+            with safe_open(str(f), framework="pt") as fh:
+                for name in fh.keys():
+                    self._where[name] = f
+        self._stack = contextlib.ExitStack()
+        self._open: dict[Path, Any] = {}
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def _file(self, name: str):
+        if name not in self._where:
+            raise KeyError(f"{self.path} has no tensor {name}")
+        f = self._where[name]
+        if f not in self._open:
+            self._open[f] = self._stack.enter_context(safe_open(str(f), framework="pt"))
+        return self._open[f]
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self._file(name).get_tensor(name)
+        if name + "_scale_inv" in self._where:
+            t = dequantize_fp8_blocks(t, self.get(name + "_scale_inv"))
+        return t
+
+    def rows(self, name: str, start: int, n: int) -> torch.Tensor:
+        return self._file(name).get_slice(name)[start:start + n]
 
 
 def load_hf_state_dict(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]] | dict[str, torch.Tensor],

@@ -47,7 +47,15 @@ def relaunch(argv: list[str], nproc: int) -> int:
     env = dict(os.environ)
     # torchrun would set 1 thread per process (and warn); split this machine's cores instead
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    proc = subprocess.Popen(torchrun_command(argv, nproc), env=env)
     try:
-        return subprocess.call(torchrun_command(argv, nproc), env=env)
-    except KeyboardInterrupt:  # torchrun forwards the signal to the workers and reports
+        return proc.wait()
+    except KeyboardInterrupt:  # the workers got it too (and torchrun forwards it): they agree to stop
+        print("leanmoe: stopping; the workers finish the current step and save a checkpoint "
+              "(Ctrl-C again to kill them without saving)", file=sys.stderr, flush=True)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
         return 130

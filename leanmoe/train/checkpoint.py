@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from leanmoe.checkpoint import iter_checkpoint_tensors, load_hf_state_dict, save_pretrained
@@ -41,6 +42,7 @@ __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_chec
            "restore_rng"]
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
+_STACKED_EXPERTS_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -246,21 +248,58 @@ def load_checkpoint(ckpt: str | os.PathLike, model, optimizer=None) -> dict[str,
 
 
 def _load_parallel(ckpt: Path, state: dict[str, Any], model, optimizer) -> dict[str, Any]:
-    """Every rank reads the full checkpoint and keeps its slices (no communication)."""
-    from leanmoe.model.transformer import Transformer
-    from leanmoe.parallel.checkpoint import expert_parallel_params, load_full_model_state_dict, local_shard
+    """Every rank reads, one tensor at a time, what its own shards need (its experts' rows, and
+    each other tensor whole before keeping its slice) and nothing else; no communication. Host
+    memory holds at most one full tensor per rank beyond the shards."""
+    from leanmoe.checkpoint import CheckpointReader
+    from leanmoe.parallel.checkpoint import expert_parallel_params, local_shard, reshard
 
-    with torch.device("meta"):  # full single-device shapes, whatever the sharding
-        expected = {k: v.shape for k, v in Transformer(model.config).state_dict().items()
-                    if not k.endswith("tokens_per_expert")}
-    load_full_model_state_dict(model, load_hf_state_dict(model.config, iter_checkpoint_tensors(ckpt), expected))
+    reshard(model)
+    cfg = model.config
+    ep = expert_parallel_params(model)
+    params = dict(model.named_parameters())
+
+    def put(name: str, dst: torch.Tensor, full: torch.Tensor) -> None:
+        if tuple(full.shape) != tuple(dst.shape):  # a DTensor reports its global shape
+            raise ValueError(f"checkpoint {ckpt}: {name} has shape {list(full.shape)}, the model expects "
+                             f"{list(dst.shape)}")
+        piece = local_shard(full, dst, dtype=dst.dtype)
+        local = dst.to_local() if hasattr(dst, "to_local") else dst
+        local.copy_(piece.to_local() if hasattr(piece, "to_local") else piece)
+
+    with torch.no_grad(), CheckpointReader(ckpt) as reader:
+        for name, dst in model.state_dict().items():
+            if name.endswith("tokens_per_expert"):
+                continue
+            try:
+                if m := _STACKED_EXPERTS_RE.match(name):
+                    prefix, kind = m.groups()
+                    disp = ep.get(name)
+                    first, n = (disp.first_expert, disp.num_local_experts) if disp else (0, cfg.n_routed_experts)
+                    if kind == "gate_up_proj":
+                        full = torch.stack([torch.cat([reader.get(f"{prefix}.{e}.gate_proj.weight"),
+                                                       reader.get(f"{prefix}.{e}.up_proj.weight")])
+                                            for e in range(first, first + n)])
+                    else:
+                        full = torch.stack([reader.get(f"{prefix}.{e}.down_proj.weight") for e in range(first, first + n)])
+                elif name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    full = reader.get("model.embed_tokens.weight")
+                else:
+                    full = reader.get(name)
+            except KeyError as e:
+                raise ValueError(f"cannot resume from {ckpt}: {e.args[0]}") from None
+            put(name, dst, full)
     if optimizer is not None:
-        params = dict(model.named_parameters())
-        ep = expert_parallel_params(model)
         tensors = {}
-        for key, t in load_file(str(ckpt / "optimizer.safetensors")).items():
-            pname = key.rsplit(".", 1)[0]
-            tensors[key] = local_shard(t, params[pname], ep.get(pname), dtype=t.dtype)
+        with safe_open(str(ckpt / "optimizer.safetensors"), framework="pt") as fh:
+            for key in fh.keys():
+                pname = key.rsplit(".", 1)[0]
+                disp = ep.get(pname)
+                if disp is not None and len(fh.get_slice(key).get_shape()) > 0:  # this rank's experts only
+                    t = fh.get_slice(key)[disp.first_expert:disp.first_expert + disp.num_local_experts]
+                else:
+                    t = fh.get_tensor(key)
+                tensors[key] = local_shard(t, params[pname], dtype=t.dtype)
         _load_optimizer(model, optimizer, tensors, state["optimizer"])
     restore_rng(state["rng"], load_file(str(ckpt / "rng.safetensors")))
     return state

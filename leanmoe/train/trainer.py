@@ -28,6 +28,8 @@ import datetime as dt
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -601,7 +603,11 @@ class Trainer:
 
         last_ckpt = latest_checkpoint(self.run_dir)
         last_loss = last_eval = None
-        interrupted = False
+        interrupted = stopping = False
+        # distributed: Ctrl-C / SIGTERM (torchrun forwards it) only raises a flag; the ranks agree on
+        # it in the step's all-reduce, so all of them stop after the same step and save together
+        signalled: list[int] = []
+        old_handlers = self._install_stop_handlers(signalled) if self.world > 1 else {}
         steps_this_call = 0
         tps_history: list[float] = []
         self._say(f"run folder {self.run_dir}; model: {self.cfg.summary().splitlines()[1]}")
@@ -640,7 +646,9 @@ class Trainer:
                     from leanmoe.parallel.groups import all_reduce_sum
                     from leanmoe.parallel.parallelize import clip_grad_norm_
 
-                    parts = all_reduce_sum(parts) / self.world  # the global batch's mean losses
+                    reduced = all_reduce_sum(torch.cat([parts, parts.new_tensor([1.0 if signalled else 0.0])]))
+                    parts = reduced[:4] / self.world  # the global batch's mean losses
+                    stopping = bool(reduced[4] > 0)  # a rank was signalled: everyone stops after this step
                     grad_norm = clip_grad_norm_(model.parameters(), tc.grad_clip)  # of the sharded gradients
                 else:
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -676,9 +684,9 @@ class Trainer:
                     "load_max_over_mean": ((load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).tolist()
                                            if load.numel() else []),  # [] for a dense model
                 }
-                final = self._progress(step, tokens, elapsed) >= 1.0 or (
+                final = self._progress(step, tokens, elapsed) >= 1.0 or stopping or (
                     stop_after is not None and steps_this_call >= stop_after)
-                if step % tc.eval_interval == 0 or final:
+                if (step % tc.eval_interval == 0 or final) and not stopping:
                     last_eval = self.evaluate()
                     rec.update(val_loss=last_eval["val_loss"], val_bpb=last_eval["val_bpb"])
                     self._log_eval(step, last_eval, bar)
@@ -691,6 +699,10 @@ class Trainer:
                                                 tc.keep_last)
                 self._update_bar(bar, step, tokens, lm_loss, tps, mfu, elapsed)
                 done = final
+            if stopping:
+                interrupted = True
+                self._say(f"stopped by a signal after step {step}; saved {last_ckpt}; continue with --resume "
+                          f"--out {self.run_dir}")
         except KeyboardInterrupt:
             interrupted = True
             elapsed = elapsed0 + time.perf_counter() - t_start
@@ -704,6 +716,8 @@ class Trainer:
                                                 tc.keep_last)
                 self._say(f"interrupted at step {step}; saved {last_ckpt}; continue with --resume --out {self.run_dir}")
         finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
             if metrics is not None:
                 metrics.close()
             if bar is not None:
@@ -720,6 +734,16 @@ class Trainer:
             result.report = write_report(self, result, load_total, last_eval)
             self._say(f"done: {step} steps, {tokens:,} tokens in {_fmt_eta(elapsed)}; report {result.report}")
         return result
+
+    @staticmethod
+    def _install_stop_handlers(signalled: list[int]) -> dict:
+        """SIGINT and SIGTERM append to `signalled` instead of interrupting (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, lambda signum, frame: signalled.append(signum))
+        return old
 
     # ------------------------------------------------------------------ display
     def _progress_bar(self):

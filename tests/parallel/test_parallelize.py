@@ -23,7 +23,7 @@ def _model() -> Transformer:
 def _parallel_worker(out_dir: str) -> None:
     import torch.distributed as dist
 
-    from leanmoe.parallel.checkpoint import full_model_state_dict, load_full_model_state_dict
+    from leanmoe.parallel.checkpoint import expert_parallel_params, full_model_state_dict, load_full_model_state_dict
     from leanmoe.parallel.groups import ParallelDims
     from leanmoe.parallel.parallelize import parallelize
 
@@ -65,6 +65,38 @@ def _parallel_worker(out_dir: str) -> None:
             for name, t in whole.state_dict().items():
                 torch.testing.assert_close(back[name], t, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
+    # a single-process checkpoint resumes into the sharded model: weights and AdamW moments,
+    # each rank reading only the tensors (and expert rows) its shards need
+    import torch.distributed as dist
+
+    from leanmoe.parallel.checkpoint import gather_full
+    from leanmoe.train.checkpoint import load_checkpoint, save_checkpoint
+    from leanmoe.train.optim import build_optimizer
+
+    single = _model()
+    opt = build_optimizer(single, 1e-2)
+    single.compute_loss(ids, ids).loss.backward()
+    opt.step()
+    if rank == 0:
+        save_checkpoint(out_dir, 1, single, opt, {"tokens": 0, "elapsed": 0.0})
+    dist.barrier()
+    with torch.device("meta"):
+        sharded = Transformer(micro_config(n_routed_experts=8))
+    parallelize(sharded, dims)
+    materialize(sharded, "cpu", 99)  # other weights until loaded
+    sharded_opt = build_optimizer(sharded, 1e-2)
+    load_checkpoint(f"{out_dir}/checkpoints/step-1", sharded, sharded_opt)
+    back = full_model_state_dict(sharded)
+    eps = expert_parallel_params(sharded)
+    moments = {name: gather_full(sharded_opt.state[p]["exp_avg"], eps.get(name))
+               for name, p in sharded.named_parameters()}
+    with checks("resume_into_sharded_model"):
+        if rank == 0:
+            for name, t in single.state_dict().items():
+                torch.testing.assert_close(back[name], t, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+            for name, p in single.named_parameters():
+                torch.testing.assert_close(moments[name], opt.state[p]["exp_avg"], rtol=0, atol=0)
+
     # mixed precision: bf16 compute, fp32 master weights and reduction; the router stays fp32
     mp = parallelize(copy.deepcopy(_model()), dims, param_dtype=torch.bfloat16)
     seen = {}
@@ -99,8 +131,8 @@ def parallel_results(tmp_path_factory):
     return load_checks(folder, 2)
 
 
-@pytest.mark.parametrize("check", ["full_state_round_trip", "meta_init_matches_whole_model", "mixed_precision_bf16",
-                                   "bad_ep_is_explained"])
+@pytest.mark.parametrize("check", ["full_state_round_trip", "meta_init_matches_whole_model",
+                                   "resume_into_sharded_model", "mixed_precision_bf16", "bad_ep_is_explained"])
 def test_parallelize(parallel_results, check):
     assert_check(parallel_results, check)
 

@@ -156,3 +156,36 @@ def test_4ranks_ep2_dp2_with_activation_checkpointing_matches_single_process(wor
     assert all(b == biases[0] for b in biases)
     want = [m.gate.e_score_correction_bias.tolist() for m in ref.model.moe_layers()]
     torch.testing.assert_close(torch.tensor(biases[0]), torch.tensor(want), rtol=0, atol=1e-7)
+
+
+def _signal_worker(root: str, out: str, world: int, tokenizer: str | None) -> None:
+    import signal
+
+    import torch.distributed as dist
+
+    from leanmoe.train import trainer as trainer_mod
+
+    real = trainer_mod.lr_at
+
+    def lr_at(step, *a, **k):  # as step 3 starts, only rank 1 gets SIGTERM (what torchrun forwards)
+        if step == 2 and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, *a, **k)
+
+    trainer_mod.lr_at = lr_at
+    kw = {"tokenizer": tokenizer} if tokenizer else {}
+    result = Trainer(_tc(Path(root), out, world, max_steps=10, save_interval=100, eval_interval=100, **kw)).train()
+    Path(root, out, f"result-{dist.get_rank()}.json").write_text(json.dumps(
+        {"steps": result.steps, "interrupted": result.interrupted, "checkpoint": Path(result.checkpoint).name}))
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step_and_saves(workspace):
+    world, out = 2, "signalled"
+    tokenizer = workspace / "cli" / "tokenizer.json"
+    spawn(_signal_worker, world, str(workspace), out, world, str(tokenizer) if tokenizer.is_file() else None,
+          timeout_s=180)
+    results = [json.loads((workspace / out / f"result-{r}.json").read_text()) for r in range(world)]
+    assert results == [{"steps": 3, "interrupted": True, "checkpoint": "step-3"}] * world
+    assert [r["step"] for r in _records(workspace / out)] == [1, 2, 3]
+    resumed = Trainer(TrainConfig(out=str(workspace / out), resume=True, max_steps=4, progress=False)).train()
+    assert resumed.steps == 4 and not resumed.interrupted
