@@ -13,9 +13,9 @@ Read, besides that: transformers v5's fused experts (`mlp.experts.gate_up_proj` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import contextlib
 import re
 import warnings
 from collections.abc import Iterator
@@ -121,8 +121,7 @@ def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 class CheckpointReader:
     """One tensor at a time from a checkpoint folder (sharded or not), by name, without reading
     the rest: `with CheckpointReader(path) as r: w = r.get(name)`. FP8 weights stored with a
-    `weight_scale_inv` come back dequantised (fp32); `rows(name, start, n)` reads a slice of dim 0
-    (an expert-parallel rank's experts of a stacked tensor) without the other rows."""
+    `weight_scale_inv` come back dequantised (fp32)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -140,9 +139,6 @@ class CheckpointReader:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
     def _file(self, name: str):
         if name not in self._where:
             raise KeyError(f"{self.path} has no tensor {name}")
@@ -156,9 +152,6 @@ class CheckpointReader:
         if name + "_scale_inv" in self._where:
             t = dequantize_fp8_blocks(t, self.get(name + "_scale_inv"))
         return t
-
-    def rows(self, name: str, start: int, n: int) -> torch.Tensor:
-        return self._file(name).get_slice(name)[start:start + n]
 
 
 def load_hf_state_dict(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]] | dict[str, torch.Tensor],

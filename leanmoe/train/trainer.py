@@ -139,6 +139,7 @@ class Trainer:
         self.shards = None
         self.start_state: dict[str, Any] | None = None
         self._compiled_loss = None
+        self._auto_micro_batch = False  # set when the micro-batch is a default `_check` may shrink
 
     # ------------------------------------------------------------------ setup
     def _resolve_run_dir(self) -> Path:
@@ -206,7 +207,7 @@ class Trainer:
             raise TrainingError(f"--dtype must be fp32 or bf16, got {tc.dtype!r}")
         need = estimate_step_memory(cfg, tc.micro_batch_size, tc.seq_len, world_size=self.world)
         have = _available_memory(self.device)
-        if have is not None and need > 0.9 * have and getattr(self, "_auto_micro_batch", False):
+        if have is not None and need > 0.9 * have and self._auto_micro_batch:
             per_rank = tc.batch_size // self.world
             fits = [d for d in range(1, tc.micro_batch_size) if per_rank % d == 0
                     and estimate_step_memory(cfg, d, tc.seq_len, world_size=self.world) <= 0.9 * have]
