@@ -11,7 +11,8 @@ In order:
    experts and routed experts, which are pure functions of their inputs; the MoE's load
    counters and all-to-alls stay outside, so recomputation neither counts tokens twice nor
    repeats communication. Parameter names do not change (no wrapper modules).
-3. FSDP2 (`fully_shard`), bottom-up: routed experts over the dp mesh (the ranks holding the same
+3. Optionally torch.compile of the static-shape parts (`compile_dense_parts`).
+4. FSDP2 (`fully_shard`), bottom-up: routed experts over the dp mesh (the ranks holding the same
    experts), routers in fp32 under mixed precision (routing stays fp32, as the single-device
    model does), each decoder block and MTP module over all ranks, then the root.
 
@@ -37,7 +38,7 @@ from leanmoe.parallel.ep import ExpertParallel
 from leanmoe.parallel.groups import ParallelDims
 
 __all__ = ["parallelize", "materialize", "shard_experts", "shard_moe", "apply_activation_checkpointing",
-           "apply_fsdp", "clip_grad_norm_"]
+           "apply_fsdp", "compile_dense_parts", "clip_grad_norm_"]
 
 
 @torch.no_grad()
@@ -105,9 +106,22 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, param_dtype: torch.dtype 
     register_fsdp_forward_method(model, "compute_loss")
 
 
+def compile_dense_parts(model: Transformer) -> None:
+    """torch.compile (in place) each layer's attention, dense MLP and shared experts: the parts
+    with static shapes. Routed experts (variable token counts, expert-parallel all-to-alls with
+    host syncs) and the router stay eager, so nothing recompiles from step to step."""
+    for layer in model.model.layers:
+        layer.self_attn.compile()
+        if isinstance(layer.mlp, MoE):
+            if layer.mlp.shared_experts is not None:
+                layer.mlp.shared_experts.compile()
+        else:
+            layer.mlp.compile()
+
+
 def parallelize(model: Transformer, dims: ParallelDims | None, *, param_dtype: torch.dtype | None = None,
                 activation_checkpointing: bool = False, fp8_dispatch: bool = False,
-                combine_dtype: torch.dtype | None = None) -> Transformer:
+                combine_dtype: torch.dtype | None = None, compile: bool = False) -> Transformer:
     """Transform `model` for the mesh `dims` (None or one process: only activation checkpointing).
 
     Build the model identically on every rank first (same seed, or load the same weights): each
@@ -121,6 +135,8 @@ def parallelize(model: Transformer, dims: ParallelDims | None, *, param_dtype: t
         shard_experts(model, dims.ep_group, fp8_dispatch=fp8_dispatch, combine_dtype=combine_dtype)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    if compile:  # after checkpointing and before FSDP, as torchtitan orders them
+        compile_dense_parts(model)
     if distributed:
         apply_fsdp(model, dims, param_dtype)  # moves parameters and buffers to dims.device
         model.reset_buffers(dims.device)  # rope tables and load counters, rebuilt there

@@ -140,6 +140,7 @@ class Trainer:
         self.start_state: dict[str, Any] | None = None
         self._compiled_loss = None
         self._auto_micro_batch = False  # set when the micro-batch is a default `_check` may shrink
+        self._compile_explicit = tc.compile == "on"  # --compile on, not the GPU default
 
     # ------------------------------------------------------------------ setup
     def _resolve_run_dir(self) -> Path:
@@ -280,10 +281,11 @@ class Trainer:
                 self._truncate_metrics(state["step"])
             self._say(f"resuming {run_dir} from {ckpt.name} (step {state['step']}, {state['tokens']:,} tokens)")
         if tc.compile == "on":
-            if self.world > 1:
-                self._say("torch.compile is not applied to distributed runs yet; running eagerly")
-            else:
+            if self.world == 1:
                 self._compiled_loss = torch.compile(self.model.compute_loss)
+            elif not self._compile_explicit:
+                self._say("distributed runs stay eager unless --compile on (which compiles attention, dense MLPs "
+                          "and shared experts; untested on GPUs so far)")
 
     def _prepare_data(self, cfg: ModelConfig, ckpt: Path | None) -> None:
         """Tokenizer (from the checkpoint, --tokenizer, or trained here) and token shards."""
@@ -353,7 +355,8 @@ class Trainer:
             model = Transformer(cfg)
         parallelize(model, self.dims, param_dtype=torch.bfloat16 if self.tc.dtype == "bf16" else None,
                     activation_checkpointing=pc.activation_checkpointing, fp8_dispatch=pc.fp8_dispatch,
-                    combine_dtype=torch.bfloat16 if pc.bf16_combine else None)
+                    combine_dtype=torch.bfloat16 if pc.bf16_combine else None,
+                    compile=self._compile_explicit)
         return materialize(model, self.dims.device, seed)
 
     # ------------------------------------------------------------------ distributed plumbing
