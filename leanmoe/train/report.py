@@ -138,8 +138,15 @@ def write_report(trainer: Trainer, result: TrainResult, load_total: torch.Tensor
         f"| {result.steps} | {result.tokens:,} | {_duration(result.elapsed)} | {result.tokens_per_second:,.0f} | "
         f"{_f(result.final_loss)} | {_f(result.val_loss)} | {_f(result.val_bpb)} |",
         "",
-        f"Batch {tc.batch_size} x {tc.seq_len} tokens, peak lr {tc.lr} ({tc.schedule}, {tc.warmup_steps} warm-up "
+        f"Batch {tc.batch_size} x {tc.seq_len} tokens"
+        + (f" ({tc.batch_size // (tc.micro_batch_size * trainer.world)} micro-batches of {tc.micro_batch_size}"
+           + (f" on each of {trainer.world} processes" if trainer.world > 1 else "") + ")"
+           if tc.micro_batch_size * trainer.world != tc.batch_size else "")
+        + f", peak lr {tc.lr} ({tc.schedule}, {tc.warmup_steps} warm-up "
         f"steps), data: {', '.join(tc.data) if tc.data else 'the Python standard library'}."
+        + (f" Peak GPU memory allocated: {torch.cuda.max_memory_allocated(trainer.device) / 2**30:.1f} GiB"
+           + (" (rank 0)" if trainer.world > 1 else "") + "."
+           if trainer.device.type == "cuda" else "")
         + (" The run was interrupted and can be resumed with `--resume`." if result.interrupted else ""),
         "",
     ]
