@@ -196,3 +196,21 @@ def test_bf16_load_keeps_router_fp32(tmp_path):
     assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32
     assert model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
     assert model(_ids(cfg)).dtype == torch.bfloat16
+
+
+def test_checkpoint_reader_reads_one_tensor_from_shards_and_dequantises(tmp_path):
+    from leanmoe.checkpoint import CheckpointReader
+
+    model = Transformer(micro_config())
+    leanmoe.save_pretrained(model, tmp_path / "sharded", max_shard_size="20KB")
+    want = hf_state_dict(model)
+    with CheckpointReader(tmp_path / "sharded") as reader:
+        for name in ("model.layers.1.mlp.experts.5.down_proj.weight", "model.norm.weight", "lm_head.weight"):
+            torch.testing.assert_close(reader.get(name), want[name], rtol=0, atol=0)
+        with pytest.raises(KeyError, match="no tensor model.nope"):
+            reader.get("model.nope")
+    w = torch.randn(130, 260)
+    q, s = w.to(torch.float8_e4m3fn), torch.tensor([[2.0, 4.0, 8.0], [1.0, 0.5, 0.25]])
+    save_file({"a.weight": q, "a.weight_scale_inv": s}, str(tmp_path / "model.safetensors"))
+    with CheckpointReader(tmp_path) as reader:
+        torch.testing.assert_close(reader.get("a.weight"), dequantize_fp8_blocks(q, s), rtol=0, atol=0)
