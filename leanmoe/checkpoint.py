@@ -18,7 +18,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 from leanmoe.config import ModelConfig
 from leanmoe.model.transformer import Transformer
 
-__all__ = ["save_pretrained", "from_pretrained", "resolve_checkpoint", "hf_state_dict", "load_hf_state_dict",
-           "dequantize_fp8_blocks", "CheckpointReader"]
+__all__ = ["save_pretrained", "from_pretrained", "resolve_checkpoint", "hf_state_dict", "hf_tensors",
+           "load_hf_state_dict", "dequantize_fp8_blocks", "CheckpointReader", "ShardWriter", "write_hf_folder"]
 
 _EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -41,40 +41,53 @@ SINGLE_NAME = "model.safetensors"
 
 
 # ---------------------------------------------------------------------------- naming
+def hf_tensors(cfg: ModelConfig, name: str, t: torch.Tensor, dtype: torch.dtype | None = None
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF DeepseekV3 tensors behind one leanmoe state-dict entry (full, single-device shape):
+    stacked experts split one by one, the embedding and head also copied to each MTP module,
+    the tied head and the load counters left out. Detached CPU copies that own their memory
+    (safetensors refuses tensors sharing storage), cast to `dtype` except the fp32 router."""
+
+    def put(hf_name: str, x: torch.Tensor) -> tuple[str, torch.Tensor]:
+        x = x.detach()
+        if dtype is not None and x.is_floating_point() and not hf_name.endswith(_FP32_KEYS):
+            x = x.to(dtype)
+        return hf_name, x.to("cpu", copy=True).contiguous()
+
+    if name.endswith("tokens_per_expert"):
+        return
+    mtp = range(cfg.num_hidden_layers, cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
+    if name == "model.embed_tokens.weight":
+        yield put(name, t)
+        for j in mtp:
+            yield put(f"model.layers.{j}.embed_tokens.weight", t)
+        return
+    if name == "lm_head.weight":
+        if not cfg.tie_word_embeddings:
+            yield put(name, t)
+        for j in mtp:
+            yield put(f"model.layers.{j}.shared_head.head.weight", t)
+        return
+    m = _FUSED_RE.match(name)
+    if m is None:
+        yield put(name, t)
+        return
+    prefix, kind = m.groups()
+    f = t.shape[-1] if kind == "down_proj" else t.shape[1] // 2
+    for e in range(t.shape[0]):
+        if kind == "down_proj":
+            yield put(f"{prefix}.{e}.down_proj.weight", t[e])
+        else:
+            yield put(f"{prefix}.{e}.gate_proj.weight", t[e, :f])
+            yield put(f"{prefix}.{e}.up_proj.weight", t[e, f:])
+
+
 def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The model's weights under HF DeepseekV3 names (experts split one by one), detached CPU
-    copies that own their memory (safetensors refuses tensors sharing storage)."""
-    cfg = model.config
-    out: dict[str, torch.Tensor] = {}
-
-    def put(name: str, t: torch.Tensor) -> None:
-        t = t.detach()
-        if dtype is not None and t.is_floating_point() and not name.endswith(_FP32_KEYS):
-            t = t.to(dtype)
-        out[name] = t.to("cpu", copy=True).contiguous()
-
-    for name, t in model.state_dict().items():
-        if name.endswith("tokens_per_expert"):
-            continue
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        m = _FUSED_RE.match(name)
-        if m is None:
-            put(name, t)
-            continue
-        prefix, kind = m.groups()
-        f = t.shape[-1] if kind == "down_proj" else t.shape[1] // 2
-        for e in range(t.shape[0]):
-            if kind == "down_proj":
-                put(f"{prefix}.{e}.down_proj.weight", t[e])
-            else:
-                put(f"{prefix}.{e}.gate_proj.weight", t[e, :f])
-                put(f"{prefix}.{e}.up_proj.weight", t[e, f:])
-    for k in range(cfg.num_nextn_predict_layers):
-        j = cfg.num_hidden_layers + k
-        put(f"model.layers.{j}.embed_tokens.weight", model.model.embed_tokens.weight)
-        put(f"model.layers.{j}.shared_head.head.weight", model.lm_head.weight)
-    return out
+    """The model's weights under HF DeepseekV3 names (see `hf_tensors`)."""
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:  # the MTP head copies come from the (tied) head
+        state["lm_head.weight"] = model.model.embed_tokens.weight
+    return dict(item for name, t in state.items() for item in hf_tensors(model.config, name, t, dtype))
 
 
 def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
@@ -233,6 +246,73 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
 
 
+class ShardWriter:
+    """Writes named tensors into safetensors files of at most `max_shard_size` bytes as they are
+    added, so only one shard is ever held in memory. `close()` names the files `{stem}.safetensors`
+    (one) or `{stem}-0000i-of-0000N.safetensors`, writes `index_name` (a weight map) when there are
+    several and one is asked for, and returns the names written. Every file is written under a
+    temporary name first, so an interrupted save leaves no truncated file under a real name."""
+
+    def __init__(self, folder: str | os.PathLike, stem: str = "model", max_shard_size: int | str = "5GB",
+                 index_name: str | None = INDEX_NAME):
+        self.folder, self.stem, self.index_name = Path(folder), stem, index_name
+        self.limit = _parse_size(max_shard_size)
+        self._shard: dict[str, torch.Tensor] = {}
+        self._size = self.total_size = 0
+        self._parts: list[tuple[Path, list[str]]] = []
+        self.first_dtype: torch.dtype | None = None
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self._shard and self._size + nbytes > self.limit:
+            self._flush()
+        self._shard[name] = t
+        self._size += nbytes
+        self.total_size += nbytes
+        self.first_dtype = self.first_dtype or t.dtype
+
+    def _flush(self) -> None:
+        tmp = self.folder / f".{self.stem}-part{len(self._parts):05d}.tmp"
+        save_file(self._shard, str(tmp), metadata={"format": "pt"})
+        self._parts.append((tmp, list(self._shard)))
+        self._shard, self._size = {}, 0
+
+    def close(self) -> set[str]:
+        if self._shard or not self._parts:
+            self._flush()
+        n = len(self._parts)
+        names = [f"{self.stem}.safetensors"] if n == 1 else [f"{self.stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+                                                            for i in range(n)]
+        for (tmp, _), fname in zip(self._parts, names):
+            os.replace(tmp, self.folder / fname)
+        written = set(names)
+        if n > 1 and self.index_name:
+            index = {"metadata": {"total_size": self.total_size},
+                     "weight_map": {t: fname for (_, tensors), fname in zip(self._parts, names) for t in tensors}}
+            _write_text(self.folder / self.index_name, json.dumps(index, indent=2) + "\n")
+            written.add(self.index_name)
+        return written
+
+
+def write_hf_folder(path: str | os.PathLike, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
+                    max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> Path:
+    """Write HF-named tensors (consumed one at a time) and config.json into folder `path`;
+    shard files of an earlier save there that this one does not rewrite are removed."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(path, "model", max_shard_size, INDEX_NAME)
+    for name, t in tensors:
+        writer.add(name, t)
+    written = writer.close()
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = str(dtype or writer.first_dtype or torch.float32).removeprefix("torch.")
+    _write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
+    for stale in list(path.glob("model*.safetensors")) + [path / INDEX_NAME]:
+        if stale.name not in written and stale.exists():
+            stale.unlink()
+    return path
+
+
 def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                     dtype: torch.dtype | None = None) -> Path:
     """Write `model` to folder `path` in the HF DeepseekV3 layout; returns the folder.
@@ -241,39 +321,9 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
     never leaves a truncated file under a real name; shard files of an earlier save in the same
     folder that this save does not rewrite are removed afterwards.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors = hf_state_dict(model, dtype)
-    limit = _parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors, key=_natural_key):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
-    names = ([SINGLE_NAME] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for fname, shard in zip(names, shards):
-        tmp = path / f".{fname}.tmp"
-        save_file(shard, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path / fname)
-    written = set(names)
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {n: fname for fname, shard in zip(names, shards) for n in shard}}
-        _write_text(path / INDEX_NAME, json.dumps(index, indent=2) + "\n")
-        written.add(INDEX_NAME)
-    hf = model.config.to_hf_dict()
-    some = next(iter(tensors.values()))
-    hf["torch_dtype"] = str(dtype or some.dtype).removeprefix("torch.")
-    _write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
-    for stale in list(path.glob("model*.safetensors")) + [path / INDEX_NAME]:
-        if stale.name not in written and stale.exists():
-            stale.unlink()
-    return path
+    return write_hf_folder(path, model.config, ((n, tensors[n]) for n in sorted(tensors, key=_natural_key)),
+                           max_shard_size, dtype)
 
 
 def _write_text(p: Path, text: str) -> None:

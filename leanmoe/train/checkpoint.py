@@ -4,6 +4,7 @@
         config.json, model.safetensors      the model (leanmoe.from_pretrained and transformers load it)
         tokenizer.json, tokenizer_config.json
         optimizer.safetensors               AdamW moments and step counts, keyed by parameter name
+                                            (optimizer-0000i-of-0000N.safetensors past 5 GB)
         rng.safetensors                     torch CPU (and CUDA) generator states
         trainer_state.json                  step, tokens, elapsed, loader position, schedule, RNG of
                                             python/numpy, the training config
@@ -16,9 +17,10 @@ moment leaves either the previous checkpoint set or the new one, never a half-wr
 Nothing is unpickled: tensors are safetensors, the rest JSON.
 
 A distributed run (a model transformed by leanmoe.parallel.parallelize) saves the same folder:
-every rank takes part in gathering full tensors (leanmoe.parallel.checkpoint), rank 0 writes.
-On load every rank reads the folder and keeps its own slices, so a run saved with N ranks
-resumes with any M (the run folder must be on a filesystem every node sees).
+every rank takes part in gathering full tensors one at a time (leanmoe.parallel.checkpoint) and
+rank 0 streams them into shard files, holding at most one shard. On load every rank reads, one
+tensor at a time, what its own slices need, so a run saved with N ranks resumes with any M (the
+run folder must be on a filesystem every node sees).
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from leanmoe.checkpoint import iter_checkpoint_tensors, load_hf_state_dict, save_pretrained
+from leanmoe.checkpoint import (ShardWriter, iter_checkpoint_tensors, load_hf_state_dict, save_pretrained,
+                                write_hf_folder)
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "rng_state",
            "restore_rng"]
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
+SHARD_SIZE = "5GB"  # largest model / optimizer file of a checkpoint
 _STACKED_EXPERTS_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
@@ -96,9 +100,8 @@ def restore_rng(json_state: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
 
 
 # ---------------------------------------------------------------------------- optimizer
-def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, full=None) -> tuple[dict, dict]:
-    """AdamW state keyed `{parameter name}.{state key}`. full(name, tensor, param) -> full tensor
-    or None: how a distributed model gathers its shards (None: the tensors are already full)."""
+def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """AdamW state keyed `{parameter name}.{state key}` (CPU copies), and its metadata."""
     names = {id(p): n for n, p in model.named_parameters()}
     tensors, meta = {}, {"param_groups": []}
     for group in optimizer.param_groups:
@@ -107,10 +110,6 @@ def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 t = value if torch.is_tensor(value) else torch.tensor(value)
-                if full is not None:
-                    t = full(names[id(p)], t, p)
-                    if t is None:  # not rank 0
-                        continue
                 tensors[f"{names[id(p)]}.{key}"] = t.detach().to("cpu").contiguous().reshape(t.shape)
     return tensors, meta
 
@@ -160,32 +159,86 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, sta
 
     if is_parallel(model):
         return _save_parallel(run_dir, step, model, optimizer, state, tokenizer, keep_last)
-    return _write_checkpoint(run_dir, step, model, lambda: _optimizer_tensors(model, optimizer), state, tokenizer,
-                             keep_last)
+
+    def write_optimizer(folder: Path) -> dict:
+        tensors, meta = _optimizer_tensors(model, optimizer)
+        _write_optimizer_files(folder, tensors.items())
+        return meta
+
+    return _write_checkpoint(run_dir, step, lambda folder: save_pretrained(model, folder, SHARD_SIZE),
+                             write_optimizer, state, tokenizer, keep_last)
+
+
+def _write_optimizer_files(folder: Path, items) -> None:
+    """optimizer.safetensors, or optimizer-0000i-of-0000N.safetensors past 5 GB (loaders read all)."""
+    writer = ShardWriter(folder, "optimizer", SHARD_SIZE, index_name=None)
+    for key, t in items:
+        writer.add(key, t)
+    writer.close()
+
+
+def _optimizer_files(ckpt: Path) -> list[Path]:
+    files = sorted(ckpt.glob("optimizer*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt} has no optimizer state (optimizer*.safetensors)")
+    return files
 
 
 def _save_parallel(run_dir, step, model, optimizer, state, tokenizer, keep_last) -> Path:
-    """Gather full tensors on rank 0 (a collective), write there, tell every rank how it went."""
+    """Gather one full tensor at a time on rank 0 (collectives every rank joins in the same
+    order) and stream it into the checkpoint's shard files there: rank 0 holds at most one shard
+    and one tensor. Then tell every rank how it went."""
     import torch.distributed as dist
 
-    from leanmoe.model.transformer import Transformer
-    from leanmoe.parallel.checkpoint import expert_parallel_params, full_model_state_dict, gather_full
+    from leanmoe.checkpoint import hf_tensors
+    from leanmoe.parallel.checkpoint import expert_parallel_params, gather_full, reshard
 
-    weights = full_model_state_dict(model)
+    reshard(model)
+    cfg = model.config
     ep = expert_parallel_params(model)
-    opt = _optimizer_tensors(model, optimizer,
-                             full=lambda name, t, p: gather_full(t, ep.get(name), like_param=t.shape == p.shape))
+    rank0 = dist.get_rank() == 0
+    weights_state = model.state_dict()
+    if cfg.tie_word_embeddings:
+        weights_state["lm_head.weight"] = weights_state["model.embed_tokens.weight"]
+
+    def weights():  # (HF name, tensor) on rank 0; the collectives run on every rank
+        for name, t in weights_state.items():
+            full = gather_full(t, ep.get(name))
+            if full is not None:
+                yield from hf_tensors(cfg, name, full)
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    meta = {"param_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in
+                                                                                            g["params"]]}
+                             for g in optimizer.param_groups]}
+
+    def moments():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                for key, value in optimizer.state.get(p, {}).items():
+                    t = value if torch.is_tensor(value) else torch.tensor(value)
+                    full = gather_full(t, ep.get(names[id(p)]), like_param=t.shape == p.shape)
+                    if full is not None:
+                        yield f"{names[id(p)]}.{key}", full.contiguous()
+
+    weight_items, moment_items = weights(), moments()
+
+    def write_optimizer(folder: Path) -> dict:
+        _write_optimizer_files(folder, moment_items)
+        return meta
+
     path, error = Path(run_dir) / "checkpoints" / f"step-{step}", None
-    if dist.get_rank() == 0:
+    if rank0:
         try:
-            with torch.device("meta"):
-                full = Transformer(model.config)
-            full.load_state_dict(weights, strict=True, assign=True)
-            if model.config.tie_word_embeddings:
-                full.lm_head.weight = full.model.embed_tokens.weight
-            path = _write_checkpoint(run_dir, step, full, lambda: opt, state, tokenizer, keep_last)
+            path = _write_checkpoint(run_dir, step,
+                                     lambda folder: write_hf_folder(folder, cfg, weight_items, SHARD_SIZE),
+                                     write_optimizer, state, tokenizer, keep_last)
         except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
             error = e
+    for _ in weight_items:  # the other ranks' share of the gathers (and rank 0's, if it failed early)
+        pass
+    for _ in moment_items:
+        pass
     ok = torch.tensor([0 if error else 1], dtype=torch.int64)
     dist.broadcast(ok, 0)
     if error is not None:
@@ -195,8 +248,11 @@ def _save_parallel(run_dir, step, model, optimizer, state, tokenizer, keep_last)
     return path
 
 
-def _write_checkpoint(run_dir, step: int, model, optimizer_tensors, state: dict[str, Any], tokenizer,
+def _write_checkpoint(run_dir, step: int, write_weights, write_optimizer, state: dict[str, Any], tokenizer,
                       keep_last: int) -> Path:
+    """write_weights(folder) writes the HF-layout model files; write_optimizer(folder) the
+    optimizer files, returning their metadata. Both write into a temporary folder that is renamed
+    into place only when everything is written."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -204,11 +260,11 @@ def _write_checkpoint(run_dir, step: int, model, optimizer_tensors, state: dict[
     for stale in root.glob(".step-*.tmp-*"):  # left by a process killed while saving
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        save_pretrained(model, tmp)
+        tmp.mkdir()
+        write_weights(tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        opt_tensors, opt_meta = optimizer_tensors()
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        opt_meta = write_optimizer(tmp)
         rng_json, rng_tensors = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         _write_json(tmp / "trainer_state.json", {**state, "step": step, "optimizer": opt_meta, "rng": rng_json})
@@ -242,7 +298,8 @@ def load_checkpoint(ckpt: str | os.PathLike, model, optimizer=None) -> dict[str,
     weights = load_hf_state_dict(model.config, iter_checkpoint_tensors(ckpt), expected)
     model.load_state_dict(weights, strict=True)
     if optimizer is not None:
-        _load_optimizer(model, optimizer, load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
+        tensors = {k: t for f in _optimizer_files(ckpt) for k, t in load_file(str(f)).items()}
+        _load_optimizer(model, optimizer, tensors, state["optimizer"])
     restore_rng(state["rng"], load_file(str(ckpt / "rng.safetensors")))
     return state
 
@@ -291,15 +348,16 @@ def _load_parallel(ckpt: Path, state: dict[str, Any], model, optimizer) -> dict[
             put(name, dst, full)
     if optimizer is not None:
         tensors = {}
-        with safe_open(str(ckpt / "optimizer.safetensors"), framework="pt") as fh:
-            for key in fh.keys():
-                pname = key.rsplit(".", 1)[0]
-                disp = ep.get(pname)
-                if disp is not None and len(fh.get_slice(key).get_shape()) > 0:  # this rank's experts only
-                    t = fh.get_slice(key)[disp.first_expert:disp.first_expert + disp.num_local_experts]
-                else:
-                    t = fh.get_tensor(key)
-                tensors[key] = local_shard(t, params[pname], dtype=t.dtype)
+        for f in _optimizer_files(ckpt):
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    pname = key.rsplit(".", 1)[0]
+                    disp = ep.get(pname)
+                    if disp is not None and len(fh.get_slice(key).get_shape()) > 0:  # this rank's experts only
+                        t = fh.get_slice(key)[disp.first_expert:disp.first_expert + disp.num_local_experts]
+                    else:
+                        t = fh.get_tensor(key)
+                    tensors[key] = local_shard(t, params[pname], dtype=t.dtype)
         _load_optimizer(model, optimizer, tensors, state["optimizer"])
     restore_rng(state["rng"], load_file(str(ckpt / "rng.safetensors")))
     return state

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+import leanmoe
 from leanmoe.model import Transformer
 from leanmoe.parallel.launch import strip_nproc, torchrun_command
 from leanmoe.parallel.parallelize import apply_activation_checkpointing, clip_grad_norm_
@@ -97,6 +98,26 @@ def _parallel_worker(out_dir: str) -> None:
             for name, p in single.named_parameters():
                 torch.testing.assert_close(moments[name], opt.state[p]["exp_avg"], rtol=0, atol=0)
 
+    # the sharded model saves by streaming into many small files (rank 0 holds one shard at a
+    # time); what it wrote is the single-process model, and resumes into a sharded one again
+    from leanmoe.train import checkpoint as ckpt_mod
+
+    ckpt_mod.SHARD_SIZE = "16KB"
+    saved = save_checkpoint(f"{out_dir}/par", 2, sharded, sharded_opt, {"tokens": 0, "elapsed": 0.0})
+    again = Transformer(micro_config(n_routed_experts=8))
+    parallelize(again, dims)
+    again_opt = build_optimizer(again, 1e-2)
+    load_checkpoint(saved, again, again_opt)
+    back = full_model_state_dict(again)
+    with checks("streamed_parallel_save"):
+        if rank == 0:
+            assert len(list(saved.glob("model-*-of-*.safetensors"))) > 2
+            assert len(list(saved.glob("optimizer-*-of-*.safetensors"))) > 2
+            loaded = leanmoe.from_pretrained(saved)
+            for name, t in single.state_dict().items():
+                torch.testing.assert_close(loaded.state_dict()[name], t, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+                torch.testing.assert_close(back[name], t, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
     # mixed precision: bf16 compute, fp32 master weights and reduction; the router stays fp32
     mp = parallelize(copy.deepcopy(_model()), dims, param_dtype=torch.bfloat16)
     seen = {}
@@ -132,7 +153,8 @@ def parallel_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("check", ["full_state_round_trip", "meta_init_matches_whole_model",
-                                   "resume_into_sharded_model", "mixed_precision_bf16", "bad_ep_is_explained"])
+                                   "resume_into_sharded_model", "streamed_parallel_save", "mixed_precision_bf16",
+                                   "bad_ep_is_explained"])
 def test_parallelize(parallel_results, check):
     assert_check(parallel_results, check)
 

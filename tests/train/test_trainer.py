@@ -113,6 +113,18 @@ def test_resume_with_a_new_budget_and_a_torn_metrics_line(tmp_path, corpus):
             if "loss" in m] == [1, 2, 3, 4]
 
 
+def test_checkpoints_past_the_shard_size_are_split_and_resume_exactly(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(ckpt_mod, "SHARD_SIZE", "16KB")
+    kw = dict(schedule="constant", warmup_steps=1, save_interval=2, eval_interval=100)  # lr independent of budget
+    full = Trainer(_tc(tmp_path, corpus, "full", max_steps=4, **kw)).train()
+    part = Trainer(_tc(tmp_path, corpus, "part", max_steps=2, **kw)).train()
+    ckpt = latest_checkpoint(part.run_dir)
+    assert len(list(ckpt.glob("model-*-of-*.safetensors"))) > 1 and (ckpt / "model.safetensors.index.json").is_file()
+    assert len(list(ckpt.glob("optimizer-*-of-*.safetensors"))) > 1 and not (ckpt / "optimizer.safetensors").exists()
+    Trainer(TrainConfig(out=str(part.run_dir), resume=True, max_steps=4, progress=False)).train()
+    assert _losses(part.run_dir) == _losses(full.run_dir)
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, corpus, monkeypatch):
     real = ckpt_mod.save_pretrained
     calls = {"n": 0}
