@@ -100,18 +100,27 @@ def restore_rng(json_state: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
 
 
 # ---------------------------------------------------------------------------- optimizer
-def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """AdamW state keyed `{parameter name}.{state key}` (CPU copies), and its metadata."""
+def _optimizer_meta(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's hyperparameters per group, its parameters named."""
     names = {id(p): n for n, p in model.named_parameters()}
-    tensors, meta = {}, {"param_groups": []}
+    return {"param_groups": [{k: v for k, v in g.items() if k != "params"}
+                             | {"params": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups]}
+
+
+def _optimizer_items(model: torch.nn.Module, optimizer: torch.optim.Optimizer, gather=None):
+    """AdamW state as (`{parameter name}.{state key}`, CPU tensor), one at a time. gather(name,
+    tensor, param) -> full tensor, or None off rank 0: how a distributed model collects its shards
+    (a collective; every rank walks the same order)."""
+    names = {id(p): n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
-        meta["param_groups"].append({k: v for k, v in group.items() if k != "params"}
-                                    | {"params": [names[id(p)] for p in group["params"]]})
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 t = value if torch.is_tensor(value) else torch.tensor(value)
-                tensors[f"{names[id(p)]}.{key}"] = t.detach().to("cpu").contiguous().reshape(t.shape)
-    return tensors, meta
+                if gather is not None:
+                    t = gather(names[id(p)], t, p)
+                    if t is None:
+                        continue
+                yield f"{names[id(p)]}.{key}", t.detach().to("cpu").contiguous().reshape(t.shape)
 
 
 def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
@@ -161,9 +170,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, sta
         return _save_parallel(run_dir, step, model, optimizer, state, tokenizer, keep_last)
 
     def write_optimizer(folder: Path) -> dict:
-        tensors, meta = _optimizer_tensors(model, optimizer)
-        _write_optimizer_files(folder, tensors.items())
-        return meta
+        _write_optimizer_files(folder, _optimizer_items(model, optimizer))
+        return _optimizer_meta(model, optimizer)
 
     return _write_checkpoint(run_dir, step, lambda folder: save_pretrained(model, folder, SHARD_SIZE),
                              write_optimizer, state, tokenizer, keep_last)
@@ -207,25 +215,14 @@ def _save_parallel(run_dir, step, model, optimizer, state, tokenizer, keep_last)
             if full is not None:
                 yield from hf_tensors(cfg, name, full)
 
-    names = {id(p): n for n, p in model.named_parameters()}
-    meta = {"param_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in
-                                                                                            g["params"]]}
-                             for g in optimizer.param_groups]}
+    def gather(name: str, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
+        return gather_full(t, ep.get(name), like_param=t.shape == p.shape)
 
-    def moments():
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                for key, value in optimizer.state.get(p, {}).items():
-                    t = value if torch.is_tensor(value) else torch.tensor(value)
-                    full = gather_full(t, ep.get(names[id(p)]), like_param=t.shape == p.shape)
-                    if full is not None:
-                        yield f"{names[id(p)]}.{key}", full.contiguous()
-
-    weight_items, moment_items = weights(), moments()
+    weight_items, moment_items = weights(), _optimizer_items(model, optimizer, gather)
 
     def write_optimizer(folder: Path) -> dict:
         _write_optimizer_files(folder, moment_items)
-        return meta
+        return _optimizer_meta(model, optimizer)
 
     path, error = Path(run_dir) / "checkpoints" / f"step-{step}", None
     if rank0:
