@@ -207,10 +207,8 @@ def mla(dev, cases):
 @guarded
 def fp8_training(dev, steps):
     """A micro model trained in bf16 autocast and in FP8 (the compiled kernels): loss curves."""
-    import copy
-
     from leanmoe import ModelConfig, Transformer
-    from leanmoe.kernels.fp8_linear import convert_to_fp8
+    from leanmoe.kernels.fp8_linear import fp8_loss_curves
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
@@ -226,20 +224,7 @@ def fp8_training(dev, steps):
         stride = torch.randint(1, 4, (16, 1), generator=g)
         seq = ((start + stride * torch.arange(129)) % cfg.vocab_size).to(dev)
         data.append((seq[:, :-1], seq[:, 1:]))
-    curves = []
-    for model in (copy.deepcopy(base), convert_to_fp8(copy.deepcopy(base))):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        losses = []
-        for x, y in data:
-            with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
-                out = model.compute_loss(x, y)
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-            model.update_router_bias()
-            losses.append(out.lm_loss.item())
-        curves.append(torch.tensor(losses))
-    bf, f8 = curves
+    bf, f8 = fp8_loss_curves(base, data, autocast_dtype=torch.bfloat16)
     rel = ((f8 - bf).abs() / bf)
     ok = bool(torch.isfinite(f8).all()) and rel.mean() < 0.03 and f8[-5:].mean() < 0.8 * f8[:5].mean()
     check(f"fp8 training vs bf16, {steps} steps", ok, f"mean |rel| {rel.mean():.2%} (< 3%), max {rel.max():.2%}; "

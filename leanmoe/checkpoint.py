@@ -84,10 +84,7 @@ def hf_tensors(cfg: ModelConfig, name: str, t: torch.Tensor, dtype: torch.dtype 
 
 def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's weights under HF DeepseekV3 names (see `hf_tensors`)."""
-    state = model.state_dict()
-    if model.config.tie_word_embeddings:  # the MTP head copies come from the (tied) head
-        state["lm_head.weight"] = model.model.embed_tokens.weight
-    return dict(item for name, t in state.items() for item in hf_tensors(model.config, name, t, dtype))
+    return dict(item for name, t in model.state_dict().items() for item in hf_tensors(model.config, name, t, dtype))
 
 
 def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:

@@ -23,6 +23,8 @@ the router (`mlp.gate`), norms and the attention core itself stay in high precis
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,7 +34,7 @@ from leanmoe.kernels.fp8_gemm import (contiguous_layout, fp8_gemm_nt, k_grouped_
                                       m_grouped_fp8_gemm_nt_contiguous)
 from leanmoe.model.moe import Experts
 
-__all__ = ["Fp8Linear", "Fp8Experts", "fp8_linear", "fp8_grouped_linear", "convert_to_fp8"]
+__all__ = ["Fp8Linear", "Fp8Experts", "fp8_linear", "fp8_grouped_linear", "convert_to_fp8", "fp8_loss_curves"]
 
 # module names kept in high precision (DeepSeek-V3 section 3.3.1)
 HIGH_PRECISION = ("lm_head", "gate")
@@ -142,3 +144,25 @@ def convert_to_fp8(model: nn.Module, keep: tuple[str, ...] = HIGH_PRECISION) -> 
         elif type(module) is Experts:
             module.__class__ = Fp8Experts
     return model
+
+
+def fp8_loss_curves(model: nn.Module, batches, lr: float = 1e-3,
+                    autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train a copy of `model` (a leanmoe Transformer) as it is and an FP8 copy on the same
+    batches [(input_ids, targets), ...] with AdamW and the router-bias update, under autocast to
+    `autocast_dtype` if given: per-step lm losses (baseline, fp8). How to check that FP8 training
+    tracks the high-precision run on a model and data of your own."""
+    curves = []
+    for m in (copy.deepcopy(model), convert_to_fp8(copy.deepcopy(model))):
+        opt = torch.optim.AdamW(m.parameters(), lr=lr)
+        losses = []
+        for x, y in batches:
+            with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                out = m.compute_loss(x, y)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            m.update_router_bias()
+            losses.append(out.lm_loss.item())
+        curves.append(torch.tensor(losses))
+    return curves[0], curves[1]

@@ -205,12 +205,8 @@ def _save_parallel(run_dir, step, model, optimizer, state, tokenizer, keep_last)
     cfg = model.config
     ep = expert_parallel_params(model)
     rank0 = dist.get_rank() == 0
-    weights_state = model.state_dict()
-    if cfg.tie_word_embeddings:
-        weights_state["lm_head.weight"] = weights_state["model.embed_tokens.weight"]
-
     def weights():  # (HF name, tensor) on rank 0; the collectives run on every rank
-        for name, t in weights_state.items():
+        for name, t in model.state_dict().items():
             full = gather_full(t, ep.get(name))
             if full is not None:
                 yield from hf_tensors(cfg, name, full)

@@ -11,7 +11,7 @@ from torch import nn
 from leanmoe import Transformer
 from leanmoe.kernels import fp8
 from leanmoe.kernels.fp8 import per_block_cast_to_fp8, per_block_dequant, per_token_cast_to_fp8, per_token_dequant
-from leanmoe.kernels.fp8_linear import Fp8Experts, Fp8Linear, convert_to_fp8, fp8_linear
+from leanmoe.kernels.fp8_linear import Fp8Experts, Fp8Linear, convert_to_fp8, fp8_linear, fp8_loss_curves
 from leanmoe.model.moe import Experts, MoE
 from tests.util import micro_config
 
@@ -190,19 +190,7 @@ def _loss_curves(steps=30, seed=0):
         stride = torch.randint(1, 4, (8, 1), generator=g)
         seq = (start + stride * torch.arange(33)) % cfg.vocab_size
         data.append((seq[:, :-1], seq[:, 1:]))
-    curves = []
-    for model in (copy.deepcopy(base), convert_to_fp8(copy.deepcopy(base))):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        losses = []
-        for x, y in data:
-            out = model.compute_loss(x, y)
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-            model.update_router_bias()
-            losses.append(out.lm_loss.item())
-        curves.append(torch.tensor(losses))
-    return curves
+    return fp8_loss_curves(base, data)
 
 
 @pytest.mark.slow
