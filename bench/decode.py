@@ -77,7 +77,7 @@ def main() -> None:
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()
     if args.checkpoint:
-        path = leanmoe.checkpoint.resolve_checkpoint(args.checkpoint)
+        path = leanmoe.weights.resolve_checkpoint(args.checkpoint)
         model = leanmoe.from_pretrained(path)
     else:
         model = Transformer(ModelConfig.from_preset(args.preset)).eval()

@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,11 +27,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: helpers shared with the tests
+from tests.util import free_port  # noqa: E402
 
 
 def _route(n: int, e: int, k: int, world: int, limited: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -208,7 +208,7 @@ def mla(dev, cases):
 def fp8_training(dev, steps):
     """A micro model trained in bf16 autocast and in FP8 (the compiled kernels): loss curves."""
     from leanmoe import ModelConfig, Transformer
-    from leanmoe.kernels.fp8_linear import fp8_loss_curves
+    from leanmoe.train.fp8 import fp8_loss_curves
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3,

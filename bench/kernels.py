@@ -33,8 +33,6 @@ import torch.nn.functional as F
 from leanmoe.kernels.fp8 import per_block_cast_to_fp8, per_token_cast_to_fp8
 from leanmoe.kernels.fp8_gemm import (contiguous_layout, fp8_gemm_nt, m_grouped_fp8_gemm_nt_contiguous,
                                       m_grouped_fp8_gemm_nt_masked)
-from leanmoe.kernels import fp8_gemm as fp8_gemm_mod
-from leanmoe.kernels import mla_decode as mla_mod
 from leanmoe.kernels.fp8_gemm import calc_diff
 from leanmoe.kernels.mla_decode import mla_decode
 
@@ -163,15 +161,16 @@ def _sdpa_paged(q, kv_cache, block_table, seqlens, dv, scale):
     return o.view(b, s_q, h_q, dv)
 
 
-def _mla_case(dev, b, s_q, h_q, s_k, verify_name, d=576, dv=512, bs=64):
-    """Random q and a full paged cache (shuffled blocks) for one shape, with mla_decode checked
-    against the SDPA baseline on it. -> (q, kv_cache, block_table, seqlens, bytes moved)."""
+def _mla_case(dev, b, s_q, h_q, s_k, verify_name, d=576, dv=512, bs=64, tile_config=None):
+    """Random q and a full paged cache (shuffled blocks) for one shape, with mla_decode (with
+    `tile_config`) checked against the SDPA baseline on it. -> (q, kv_cache, block_table, seqlens,
+    bytes moved)."""
     n_blocks = s_k // bs
     kv = torch.randn(b * n_blocks, bs, 1, d, device=dev, dtype=torch.bfloat16)
     block_table = torch.randperm(b * n_blocks, device=dev).view(b, n_blocks).to(torch.int32)
     seqlens = torch.full((b,), s_k, device=dev, dtype=torch.int32)
     q = torch.randn(b, s_q, h_q, d, device=dev, dtype=torch.bfloat16)
-    out = mla_decode(q, kv, block_table, seqlens, dv, d ** -0.5, causal=True)[0]
+    out = mla_decode(q, kv, block_table, seqlens, dv, d ** -0.5, causal=True, tile_config=tile_config)[0]
     ref = _sdpa_paged(q, kv, block_table, seqlens, dv, d ** -0.5)
     verify(f"{verify_name} b={b} s_q={s_q} h_q={h_q}",
            ((out.float() - ref.float()).norm() / ref.float().norm()).item(), 1e-2)
@@ -213,35 +212,34 @@ def sweep(dev: str) -> None:
     """Time each tile configuration on a few shapes (GPU only); prints TFLOPS / GB/s per config."""
     rows = []
     for cfg in GEMM_CONFIGS:
-        fp8_gemm_mod.TILE_OVERRIDE = cfg
         row = [str(cfg)]
         for m, n, k in GEMM_SWEEP:
             a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             b = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
             qa, qb = per_token_cast_to_fp8(a), per_block_cast_to_fp8(b)
             try:
-                verify("sweep", calc_diff(fp8_gemm_nt(qa, qb), a.float() @ b.float().T), 1e-3)
-                row.append(f"{2 * m * n * k / timer(lambda: fp8_gemm_nt(qa, qb), True) / 1e12:.0f}")
+                verify("sweep", calc_diff(fp8_gemm_nt(qa, qb, tile_config=cfg), a.float() @ b.float().T), 1e-3)
+                t = timer(lambda: fp8_gemm_nt(qa, qb, tile_config=cfg), True)
+                row.append(f"{2 * m * n * k / t / 1e12:.0f}")
             except (Exception, SystemExit) as e:  # noqa: BLE001 - a config that fails or is wrong is reported
                 row.append("WRONG" if isinstance(e, SystemExit) else f"error: {type(e).__name__}")
         rows.append(row)
-    fp8_gemm_mod.TILE_OVERRIDE = None
     table("sweep: fp8_gemm_nt TFLOPS per (block_m, block_n, warps, stages)",
           ["config"] + [f"{m}x{n}x{k}" for m, n, k in GEMM_SWEEP], rows)
     rows = []
     d, dv = 576, 512
     for cfg in MLA_CONFIGS:
-        mla_mod.TILE_OVERRIDE = cfg
         row = [str(cfg)]
         for b, s_q, h_q, s_k in MLA_SWEEP:
             try:
-                q, kv, table_, seqlens, nbytes = _mla_case(dev, b, s_q, h_q, s_k, verify_name="sweep")
-                t = timer(lambda: mla_decode(q, kv, table_, seqlens, dv, d ** -0.5, causal=True), True)
+                q, kv, table_, seqlens, nbytes = _mla_case(dev, b, s_q, h_q, s_k, verify_name="sweep",
+                                                           tile_config=cfg)
+                t = timer(lambda: mla_decode(q, kv, table_, seqlens, dv, d ** -0.5, causal=True, tile_config=cfg),
+                          True)
                 row.append(f"{nbytes / t / 1e9:.0f}")
             except (Exception, SystemExit) as e:  # noqa: BLE001
                 row.append("WRONG" if isinstance(e, SystemExit) else f"error: {type(e).__name__}")
         rows.append(row)
-    mla_mod.TILE_OVERRIDE = None
     table("sweep: mla_decode GB/s per (rows, keys per step, warps, stages)",
           ["config"] + [f"b={b} s_q={s} h={h} s_k={n}" for b, s, h, n in MLA_SWEEP], rows)
 

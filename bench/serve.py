@@ -16,14 +16,17 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: helpers shared with the tests
+from tests.util import free_port  # noqa: E402
 
 
 def build_checkpoint(preset: str, folder: str) -> str:
@@ -38,12 +41,6 @@ def build_checkpoint(preset: str, folder: str) -> str:
     text = [open(__file__, encoding="utf-8").read()] * 4 + [open(json.__file__, encoding="utf-8").read()]
     train_tokenizer(text, vocab_size=min(cfg.vocab_size, 2048), show_progress=False).save(folder)
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(xs: list[float], p: float) -> float:

@@ -1,6 +1,6 @@
 """leanmoe: train and serve DeepSeek-V3-style Mixture-of-Experts models, from a laptop CPU to a cluster."""
 
-from leanmoe.checkpoint import from_pretrained, save_pretrained
+from leanmoe.weights import from_pretrained, save_pretrained
 from leanmoe.config import PRESETS, ModelConfig
 from leanmoe.infer import LLM, EngineConfig, SamplingParams
 from leanmoe.model import LatentCache, LossOutput, Transformer

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +92,8 @@ class ModelConfig:
     bias_update_speed: float = 1e-3  # gamma of aux-loss-free balancing (V3 section 2.1.2)
     aux_loss_alpha: float = 1e-4  # weight of the sequence-wise balance loss; 0 disables it
     mtp_loss_weight: float = 0.3  # lambda of the MTP loss (V3 uses 0.3, then 0.1)
-    fp8: bool = False  # train linear layers with fine-grained FP8 scaling (leanmoe.kernels)
+    # NOTE: FP8 training is not a model field: leanmoe.train.fp8.convert_to_fp8 applies it to a
+    # built model. An older config.json's "fp8" key is ignored like any unknown key (a plain model).
 
     def __post_init__(self) -> None:
         if self.rope_scaling is not None:

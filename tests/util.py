@@ -1,6 +1,21 @@
 """Helpers shared by the tests."""
 
+import pytest
+import torch
+
 from leanmoe import ModelConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Autouse in a test module (or conftest) that imports it: torch on one thread for each test.
+    NOTE: kernel and FP8 tests run many small ops; on a shared 2-core machine OpenMP's spin-waiting
+    made 2 threads ~2x slower overall (20x for the FP8 training run). One thread is also
+    deterministic."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def micro_config(**overrides) -> ModelConfig:
@@ -41,3 +56,13 @@ def write_corpus(folder, n_docs: int = 30, lines: int = 50) -> None:
     for i in range(n_docs):
         text = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 14))) + "." for _ in range(lines)]
         (folder / f"doc{i}.txt").write_text("\n".join(text))
+
+
+def free_port() -> int:
+    """A loopback TCP port free right now, for a server started in another process (torch.distributed's
+    rendezvous, `leanmoe serve`); the tests and the bench scripts share this one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

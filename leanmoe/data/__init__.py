@@ -9,7 +9,8 @@
 See each module's docstring for the file formats and the reasons behind them.
 """
 
-from leanmoe.data.shards import ShardSet, TokenLoader, build_shards, default_cache_dir, eval_batches
+from leanmoe.data.loader import TokenLoader, eval_batches
+from leanmoe.data.shards import ShardSet, build_shards, default_cache_dir
 from leanmoe.data.sources import (DataError, Document, FileSource, HFSource, Source, TextSource, default_sources,
                                   iter_documents, resolve_sources, split_of)
 from leanmoe.data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer

@@ -1,13 +1,16 @@
 """Inference: paged latent cache, continuous batching, MTP speculative decoding, OpenAI server.
 
-One job per file: `sequence` (a request's state), `block_manager` and `scheduler` (plain Python),
+One job per file: `sampling_params` and `sequence` (a request's parameters and state),
+`block_manager` and `scheduler` -- these four plain Python: neither they nor what they import
+need torch (tests/infer/test_scheduler.py runs them with torch blocked) --
 `paged_cache` (the cache tensors and attention backend), `model_runner` (the only device code),
 `sampler`, `detokenizer`, `engine` (`LLM`), `async_engine` (the engine on a background thread),
-`server` (OpenAI-compatible HTTP), `commands` (the `generate`, `chat`, `serve` CLI commands).
+`protocol` and `responses` (OpenAI request and response bodies), `server` (OpenAI-compatible HTTP),
+`commands` (the `generate`, `chat`, `serve` CLI commands).
 """
 
 from leanmoe.infer.config import EngineConfig
 from leanmoe.infer.engine import LLM, RequestOutput
-from leanmoe.infer.sampler import SamplingParams
+from leanmoe.infer.sampling_params import SamplingParams
 
 __all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput"]

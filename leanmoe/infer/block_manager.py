@@ -54,10 +54,6 @@ class BlockManager:
         """Blocks no sequence holds (some may still hold reusable prefix latents)."""
         return len(self._free)
 
-    @property
-    def num_cached_free_blocks(self) -> int:
-        return sum(1 for b in self._free if self._digest[b] is not None)
-
     def blocks_needed(self, num_positions: int) -> int:
         return -(-num_positions // self.block_size)
 

@@ -36,7 +36,7 @@ def load_llm(args: argparse.Namespace):
 
 
 def _params(args: argparse.Namespace, **extra):
-    from leanmoe.infer.sampler import SamplingParams
+    from leanmoe.infer.sampling_params import SamplingParams
 
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                           max_tokens=args.max_tokens, stop=args.stop or [], **extra)
@@ -146,8 +146,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="a training run folder (its latest checkpoint) or an HF-layout folder with a tokenizer.json")
     g = p.add_argument_group("engine")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ... (default: cuda if available)")
-    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps (default: cuda, else mps, else cpu)")
+    g.add_argument("--dtype", default="auto", help="weights and cache: auto | fp32 | bf16 | fp16 (or float32 | bfloat16 | "
+                   "float16; auto: bf16 on GPU, fp32 elsewhere)")
     g.add_argument("--max-num-seqs", type=int, help="most sequences batched together (default 64)")
     g.add_argument("--block-size", type=int, help="tokens per cache block (default 64)")
     g.add_argument("--num-blocks", type=int, help="cache blocks (default: enough for max-num-seqs full sequences)")

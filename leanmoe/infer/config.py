@@ -8,11 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from leanmoe.config import ModelConfig
+from leanmoe.device import auto_dtype, dtype_name, resolve_device, torch_dtype
 
 __all__ = ["EngineConfig"]
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
@@ -29,7 +27,8 @@ class EngineConfig:
     enable_prefix_caching: share full cache blocks between requests with the same prompt prefix.
     speculative: draft with the checkpoint's first MTP module and verify in the next step
         (`None`: whenever the model has one).
-    device / dtype: "auto" picks cuda + bfloat16 when a GPU is there, else cpu + float32.
+    device / dtype: names as in training (leanmoe.device): "auto" picks cuda + bf16 when a GPU is
+        there (else mps or cpu, + fp32); fp32 | bf16 | fp16 (or float32 | bfloat16 | float16).
     dtype / cache_dtype: weights and cache; cache_dtype None follows dtype.
     """
 
@@ -40,8 +39,8 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     speculative: bool | None = None
-    device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
+    device: str = "auto"  # auto: cuda when available, else mps, else cpu
+    dtype: str = "auto"  # auto: bf16 on a GPU, fp32 elsewhere
     cache_dtype: str | None = None
     max_cache_bytes: int = 2 * 2**30
     seed: int = 0
@@ -69,16 +68,21 @@ class EngineConfig:
         if c.speculative and not has_mtp:
             raise ValueError("EngineConfig: speculative=True needs a model with MTP modules "
                              "(num_nextn_predict_layers > 0)")
+        if c.cache_dtype == "auto":
+            c.cache_dtype = None  # follows the weights
         for name in ("dtype", "cache_dtype"):
             v = getattr(c, name)
-            if v is not None and v not in _DTYPES:
-                raise ValueError(f"EngineConfig: {name}={v!r}; choose one of {sorted(_DTYPES)}")
+            if v is not None:
+                try:
+                    setattr(c, name, dtype_name(v))
+                except ValueError as e:
+                    raise ValueError(f"EngineConfig: {name}={v!r}; {str(e).split(': ', 1)[1]}") from None
         if c.cache_dtype is None:
             c.cache_dtype = c.dtype
         blocks_per_seq = -(-c.max_model_len // c.block_size)
         if c.num_blocks is None:
             n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-            elem = torch.empty(0, dtype=_DTYPES[c.cache_dtype]).element_size()
+            elem = torch.empty(0, dtype=torch_dtype(c.cache_dtype)).element_size()
             block_bytes = n_layers * c.block_size * cfg.latent_dim * elem
             c.num_blocks = max(blocks_per_seq, min(c.max_num_seqs * blocks_per_seq, c.max_cache_bytes // block_bytes))
         if c.num_blocks < blocks_per_seq:
@@ -87,16 +91,16 @@ class EngineConfig:
         return c
 
     def resolve_device(self) -> None:
-        """Replace "auto" device/dtype by concrete ones (in place)."""
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        """Replace "auto" device/dtype by concrete ones (in place); ValueError for a device that is
+        not there."""
+        self.device = str(resolve_device(self.device))
         if self.dtype == "auto":
-            self.dtype = "bfloat16" if torch.device(self.device).type == "cuda" else "float32"
+            self.dtype = auto_dtype(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
     @property
     def torch_cache_dtype(self) -> torch.dtype:
-        return _DTYPES[self.cache_dtype or self.dtype]
+        return torch_dtype(self.cache_dtype or self.dtype)

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from leanmoe.checkpoint import from_pretrained, resolve_checkpoint
+from leanmoe.weights import from_pretrained, resolve_checkpoint
 from leanmoe.infer.block_manager import BlockManager
 from leanmoe.infer.config import EngineConfig
 from leanmoe.infer.detokenizer import IncrementalDetokenizer
 from leanmoe.infer.model_runner import ModelRunner
-from leanmoe.infer.sampler import SamplingParams
+from leanmoe.infer.sampling_params import SamplingParams
 from leanmoe.infer.scheduler import Scheduler
 from leanmoe.infer.sequence import Sequence
 from leanmoe.model.transformer import Transformer

@@ -16,8 +16,7 @@ Two step kinds, chosen by the metadata the model runner sets before each forward
   prefix (read back from its blocks) plus its new tokens (bottom-right causal).
 * decode: [B, T] with T = 1 (or 2 when verifying a draft). The query is absorbed into latent
   space, packed as FlashMLA's q = [W_UK^T q_nope ; q_pe] [B, T, H, d], and `mla_decode` attends
-  over the paged cache directly; W_UV maps the latent output back per head
-  (leanmoe.kernels.mla_decode.paged_mla_attend).
+  over the paged cache directly; W_UV maps the latent output back per head (`paged_mla_attend`).
 """
 
 from __future__ import annotations
@@ -27,10 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from leanmoe.config import ModelConfig
-from leanmoe.kernels.mla_decode import paged_mla_attend
 from leanmoe.model.attention import MLA
 
-__all__ = ["PagedLatentCache", "PagedAttention", "PrefillMetadata", "DecodeMetadata"]
+__all__ = ["PagedLatentCache", "PagedAttention", "PrefillMetadata", "DecodeMetadata", "paged_mla_attend"]
 
 
 class PagedLatentCache:
@@ -111,3 +109,26 @@ class PagedAttention:
         # q = [W_UK^T q_nope ; q_pe] [B, T, H, C+R] -> mla_decode (FlashMLA's contract) -> W_UV
         return paged_mla_attend(attn, q_nope, q_pe, self.cache.paged[attn.layer_idx], meta.block_table,
                                 meta.cache_seqlens)
+
+
+def paged_mla_attend(attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                     block_table: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
+    """One MLA layer's absorbed attention over a paged latent cache: what a paged
+    `AttentionBackend.attend` calls after writing this step's latents into `kv_cache`.
+
+    attn: the layer's `leanmoe.model.attention.MLA`; q_nope [B, T, H, N], q_pe [B, T, H, R]
+    (rotated); kv_cache [n_blocks, bs, 1, C + R] holding [c_kv ; k_pe] per token, this step's T
+    included; cache_seqlens [B] counts them. -> [B, T, H*V] (before o_proj), causal over the T new
+    tokens as `MLA.attend_absorbed`.
+    """
+    q = torch.cat([attn.absorb_q(q_nope), q_pe], dim=-1).to(kv_cache.dtype)  # [B, T, H, C + R]
+    o_lat, _ = _mla_decode()(q.contiguous(), kv_cache, block_table, cache_seqlens, attn.kv_lora_rank,
+                          softmax_scale=attn.scale, causal=True)
+    return attn.unabsorb_o(o_lat.to(q_nope.dtype))
+
+
+def _mla_decode():
+    # NOTE: imported on first use so `import leanmoe` loads no Triton (its import takes seconds)
+    from leanmoe.kernels.mla_decode import mla_decode
+
+    return mla_decode

@@ -16,7 +16,7 @@ import itertools
 import time
 from typing import Any
 
-from leanmoe.infer.sampler import SamplingParams
+from leanmoe.infer.sampling_params import SamplingParams
 
 __all__ = ["Sequence", "SequenceStatus"]
 
@@ -77,7 +77,3 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED

@@ -18,8 +18,6 @@ import hmac
 import json
 import logging
 import os
-import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,10 +33,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from leanmoe.infer.async_engine import AsyncEngine, EngineDeadError
 from leanmoe.infer.engine import LLM, RequestOutput
 from leanmoe.infer.protocol import ChatCompletionRequest, CompletionRequest, UnsupportedParameter
-from leanmoe.infer.sampler import SamplingParams
+from leanmoe.infer.responses import SSE_DONE, ChatResponses, CompletionResponses, Responses, error_body, sse
+from leanmoe.infer.sampling_params import SamplingParams
 from leanmoe.infer.sequence import Sequence
 
-__all__ = ["create_app", "serve", "ServerThread", "APIError"]
+__all__ = ["create_app", "serve", "APIError"]
 
 log = logging.getLogger("leanmoe.infer.server")
 MAX_BODY_BYTES = 8 * 2**20
@@ -54,7 +53,7 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        body = error_body(self.message, self.type, self.param, self.code)
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
         return JSONResponse(body, status_code=self.status, headers=headers)
 
@@ -248,15 +247,43 @@ class _Handler:
             if not task.done():
                 task.cancel()
 
+    # ------------------------------------------------------------------ answering
+    async def respond(self, request: Request, req: CompletionRequest | ChatCompletionRequest, seqs: list[Sequence],
+                      kind: type[Responses]) -> Any:
+        """The one path of both endpoints: a stream of events, or the whole body once every
+        choice has finished (499 if the client left first)."""
+        bodies = kind(self.model_name, seqs, req.n)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self.events(seqs, bodies, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            outs = await self.collect(request, seqs)
+        except EngineDeadError as e:
+            raise APIError(503, str(e), type="server_error") from None
+        except RuntimeError as e:
+            raise APIError(500, str(e), type="server_error") from None
+        if outs is None:
+            return Response(status_code=499)
+        return bodies.full(outs)
 
-def _usage(seqs: list[Sequence], n: int, completion_counts: dict[int, int]) -> dict[str, int]:
-    prompt = sum(len(s.prompt_token_ids) for s in seqs) // n  # n choices share each prompt
-    completion = sum(completion_counts.values())
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    async def events(self, seqs: list[Sequence], bodies: Responses, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: each choice's head, its outputs as they come, then usage if asked
+        and [DONE]. An engine failure mid-stream (the status is already sent) is an error event."""
+        counts: dict[int, int] = {}
+        for i in range(len(seqs)):
+            for choice in bodies.head(i):
+                yield sse(bodies.chunk(choice))
+        try:
+            async for i, out in self.outputs(seqs):
+                counts[i] = len(out.token_ids)
+                for choice in bodies.deltas(i, out):
+                    yield sse(bodies.chunk(choice))
+        except (EngineDeadError, RuntimeError) as e:
+            yield sse(error_body(str(e), "server_error"))
+        if include_usage:
+            yield sse(bodies.usage_chunk(counts))
+        yield SSE_DONE
 
 
 def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
@@ -317,146 +344,17 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: CompletionRequest = await _parse(request, CompletionRequest)
-        seqs = handler.completion_sequences(req)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(i: int, text: str, finish: str | None) -> dict[str, Any]:
-            return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
-
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-            async def events() -> AsyncIterator[str]:
-                counts: dict[int, int] = {}
-                try:
-                    async for i, out in handler.outputs(seqs):
-                        counts[i] = len(out.token_ids)
-                        if out.delta_text or out.finished:
-                            yield _sse(chunk(i, out.delta_text, _finish(out)))
-                except (EngineDeadError, RuntimeError) as e:
-                    yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
-                if include_usage:
-                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                                "choices": [], "usage": _usage(seqs, req.n, counts)})
-                yield "data: [DONE]\n\n"
-
-            return _stream(events())
-        outs = await _collect_or_fail(handler, request, seqs)
-        if outs is None:
-            return Response(status_code=499)
-        body = chunk(0, "", None)
-        body["choices"] = [{"index": i, "text": o.text, "logprobs": None, "finish_reason": _finish(o)}
-                           for i, o in enumerate(outs)]
-        body["usage"] = _usage(seqs, req.n, {i: len(o.token_ids) for i, o in enumerate(outs)})
-        return body
+        return await handler.respond(request, req, handler.completion_sequences(req), CompletionResponses)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
-        seqs = handler.chat_sequences(req)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": choices}
-
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-            async def events() -> AsyncIterator[str]:
-                counts: dict[int, int] = {}
-                for i in range(len(seqs)):
-                    yield _sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                       "finish_reason": None}]))
-                try:
-                    async for i, out in handler.outputs(seqs):
-                        counts[i] = len(out.token_ids)
-                        if out.delta_text:
-                            yield _sse(chunk([{"index": i, "delta": {"content": out.delta_text}, "logprobs": None,
-                                               "finish_reason": None}]))
-                        if out.finished:
-                            yield _sse(chunk([{"index": i, "delta": {}, "logprobs": None,
-                                               "finish_reason": _finish(out)}]))
-                except (EngineDeadError, RuntimeError) as e:
-                    yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
-                if include_usage:
-                    body = chunk([])
-                    body["usage"] = _usage(seqs, req.n, counts)
-                    yield _sse(body)
-                yield "data: [DONE]\n\n"
-
-            return _stream(events())
-        outs = await _collect_or_fail(handler, request, seqs)
-        if outs is None:
-            return Response(status_code=499)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": None,
-                             "finish_reason": _finish(o)} for i, o in enumerate(outs)],
-                "usage": _usage(seqs, req.n, {i: len(o.token_ids) for i, o in enumerate(outs)})}
+        return await handler.respond(request, req, handler.chat_sequences(req), ChatResponses)
 
     return app
 
 
-def _finish(out: RequestOutput) -> str | None:
-    if not out.finished:
-        return None
-    return "length" if out.finish_reason == "length" else "stop"
-
-
-def _stream(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-async def _collect_or_fail(handler: _Handler, request: Request, seqs: list[Sequence]) -> list[RequestOutput] | None:
-    try:
-        return await handler.collect(request, seqs)
-    except EngineDeadError as e:
-        raise APIError(503, str(e), type="server_error") from None
-    except RuntimeError as e:
-        raise APIError(500, str(e), type="server_error") from None
-
-
 # ---------------------------------------------------------------------------- running it
-class ServerThread:
-    """Run an app with uvicorn on a background thread (tests, benchmarks):
-
-        with ServerThread(app) as srv:  # a free loopback port
-            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
-    """
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
-        self.host = host
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-
-
 def serve(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, log_level: str = "info", **engine_options: Any) -> None:
     """Load a checkpoint and serve it until interrupted. Binds loopback unless `host` says otherwise."""

@@ -13,73 +13,24 @@ Blackwell's block-scaled MMA reads), and x_fp8 = round(x / s_t). Shapes that are
 of 128 are padded: the last tile is partial (as if filled with zeros); the fp8 data keeps the
 input's shape and only the scale grids round up.
 
-Dispatch (the same rule for every leanmoe kernel, used by fp8_gemm and mla_decode too): tensors
-on a CUDA/ROCm device with Triton importable run the Triton kernel; anything else runs the torch
-reference. `LEANMOE_TRITON_INTERPRET=1` forces the Triton kernels for CPU tensors through
-Triton's interpreter. The interpreter is chosen once per process, when triton is first imported
-(`TRITON_INTERPRET=1`): when this module is the first to import triton and the machine has no
-GPU (so there is nothing to compile for) or LEANMOE_TRITON_INTERPRET=1 is set, it sets
-TRITON_INTERPRET=1 first (unless the environment says otherwise). A Triton path that cannot run
-or fails raises: nothing falls back silently.
+Dispatch: Triton on CUDA/ROCm tensors, the torch reference elsewhere, the Triton kernels on CPU
+under LEANMOE_TRITON_INTERPRET=1 (the rule shared by every kernel: leanmoe.kernels.dispatch).
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
-if "triton" not in sys.modules and (os.environ.get("LEANMOE_TRITON_INTERPRET") == "1"
-                                    or not torch.cuda.is_available()):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-try:
-    import triton
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # CPU-only installs: every op has its torch reference
-    triton = tl = InterpretedFunction = None
+from leanmoe.kernels.dispatch import cdiv, tl, triton_jit, use_triton
 
 __all__ = ["per_token_cast_to_fp8", "per_block_cast_to_fp8", "per_token_cast_to_fp8_reference",
-           "per_block_cast_to_fp8_reference", "per_token_dequant", "per_block_dequant", "use_triton",
-           "FP8_MAX", "TILE"]
+           "per_block_cast_to_fp8_reference", "per_token_dequant", "per_block_dequant", "FP8_MAX",
+           "FP8_DTYPE", "TILE"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value
 TILE = 128  # quantisation granularity along K (and along N for weight blocks)
 AMAX_EPS = 1e-4  # amax floor: an all-zero tile gets a tiny finite scale, never 0 or inf
-
-
-# ---------------------------------------------------------------------- dispatch (shared)
-def _interpret_requested() -> bool:
-    return os.environ.get("LEANMOE_TRITON_INTERPRET") == "1"
-
-
-def use_triton(t: torch.Tensor) -> bool:
-    """Whether ops on `t` take the Triton path (see the module docstring). Raises when the
-    interpreter is requested but cannot run, instead of quietly using the reference."""
-    if t.device.type == "cuda":  # NVIDIA and ROCm builds alike
-        return triton is not None
-    if t.device.type == "cpu" and _interpret_requested():
-        if triton is None:
-            raise RuntimeError("LEANMOE_TRITON_INTERPRET=1 but triton is not installed")
-        # triton.language's own helpers (tl.max, ...) were built interpreted or compiled at import
-        if not (isinstance(tl.max, InterpretedFunction) and triton.knobs.runtime.interpret):
-            raise RuntimeError("LEANMOE_TRITON_INTERPRET=1: triton was imported without TRITON_INTERPRET=1, "
-                               "so its kernels cannot run on CPU; set TRITON_INTERPRET=1 in the environment "
-                               "(or before anything imports triton)")
-        return True
-    return False
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _jit(fn):
-    """triton.jit when Triton is importable; the bare function otherwise (never launched)."""
-    return triton.jit(fn) if triton is not None else fn
 
 
 # ---------------------------------------------------------------------- torch reference
@@ -137,7 +88,7 @@ def per_block_dequant(w_fp8: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 
 
 # ---------------------------------------------------------------------- Triton kernels
-@_jit
+@triton_jit
 def _round_to_e4m3(y):
     """Round fp32 y (|y| <= 448) to the nearest-even E4M3 value, still in fp32.
 
@@ -157,7 +108,7 @@ def _round_to_e4m3(y):
     return (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
-@_jit
+@triton_jit
 def _tile_scale(amax, USE_UE8M0: tl.constexpr):
     """amax (already floored) -> (scale s, multiplier ~1/s), rounded exactly as the reference."""
     s = tl.math.div_rn(amax, 448.0)  # IEEE division (plain `/` may be approximate on GPUs), as torch
@@ -170,7 +121,7 @@ def _tile_scale(amax, USE_UE8M0: tl.constexpr):
         return s, tl.math.div_rn(1.0, amax) * 448.0
 
 
-@_jit
+@triton_jit
 def _per_token_cast_kernel(x_ptr, y_ptr, s_ptr, M, K, stride_xm, stride_xk,
                            USE_UE8M0: tl.constexpr, BLOCK_M: tl.constexpr, TILE_K: tl.constexpr):
     """One program: BLOCK_M rows x one 128-wide K tile. y [M, K] and s [M, Kb] are contiguous."""
@@ -187,7 +138,7 @@ def _per_token_cast_kernel(x_ptr, y_ptr, s_ptr, M, K, stride_xm, stride_xk,
     tl.store(s_ptr + rows * tl.cdiv(K, TILE_K) + pid_k, s, mask=rows < M)
 
 
-@_jit
+@triton_jit
 def _per_block_cast_kernel(w_ptr, y_ptr, s_ptr, N, K, stride_wg, stride_wn, stride_wk,
                            USE_UE8M0: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr):
     """One program: one 128x128 block of group g. y [G, N, K] and s [G, Nb, Kb] are contiguous."""

@@ -27,6 +27,10 @@ kernel (`_gemm_nt_kernel`, the mode a constexpr) behind one custom op (`leanmoe:
 torch.compile sees one node; `_reference` (dequantise, matmul in fp32, loop over groups) is the
 CPU path and what the tests hold the kernel to. `grouped_mm_contiguous` / `grouped_mm_wgrad_
 contiguous` run leanmoe's `grouped_mm` contract (unpadded offsets) on the bf16 kernels.
+
+Every launcher takes `tile_config=(block_m, block_n, num_warps, num_stages)` to try another tile
+shape (bench/kernels.py --sweep times the alternatives); None, the default, is the measured choice
+(see `_tile_config`). The contiguous layout keeps its 128-row tiles whatever block_m says.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import functools
 
 import torch
 
-from leanmoe.kernels.fp8 import FP8_DTYPE, TILE, _jit, cdiv, per_block_dequant, per_token_dequant, tl, use_triton
+from leanmoe.kernels.dispatch import cdiv, check_tile_config, next_power_of_2, tl, triton_jit, use_triton
+from leanmoe.kernels.fp8 import FP8_DTYPE, TILE, per_block_dequant, per_token_dequant
 
 __all__ = ["fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
            "k_grouped_fp8_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_contiguous", "k_grouped_gemm_nt_contiguous",
@@ -43,6 +48,8 @@ __all__ = ["fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gem
            "grouped_mm_wgrad_contiguous", "calc_diff"]
 
 _PLAIN, _M_CONTIGUOUS, _M_MASKED, _K_GROUPED = 0, 1, 2, 3
+
+TileConfig = tuple[int, int, int, int]  # (block_m, block_n, num_warps, num_stages)
 
 
 def get_m_alignment_for_contiguous_layout() -> int:
@@ -58,7 +65,7 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------- Triton kernel
-@_jit
+@triton_jit
 def _gemm_nt_kernel(
     a_ptr, b_ptr, d_ptr, sa_ptr, sb_ptr, grp_ptr,
     M, N, K,
@@ -130,10 +137,6 @@ def _gemm_nt_kernel(
 _INTERPRETER_BLOCK_N = 512
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 @functools.lru_cache(maxsize=None)
 def _upcast_mode(device_type: str, index: int | None, dtype: torch.dtype) -> int:
     """How the kernel feeds tl.dot: fp8 MMA needs sm_89+ (Ada, Hopper, Blackwell); older NVIDIA
@@ -148,26 +151,23 @@ def _upcast_mode(device_type: str, index: int | None, dtype: torch.dtype) -> int
     return 0
 
 
-# Tile configuration override (block_m, block_n, num_warps, num_stages) for GPU launches; set by
-# bench/kernels.py --sweep to time alternatives. None: `_tile_config`'s choice.
-TILE_OVERRIDE: tuple[int, int, int, int] | None = None
-
-
-def _tile_config(mode: int, m: int, on_gpu: bool) -> tuple[int, int, int, int]:
-    """(block_m, block_n, num_warps, num_stages). The contiguous layout needs 128-row tiles (a
-    tile must not straddle groups); others shrink block_m to small M."""
-    block_m = 128 if mode == _M_CONTIGUOUS else max(16, min(128, _next_pow2(m)))
+def _tile_config(mode: int, m: int, on_gpu: bool, tile_config=None) -> TileConfig:
+    """(block_m, block_n, num_warps, num_stages): the caller's `tile_config` if given, else the
+    default. The contiguous layout needs 128-row tiles (a tile must not straddle groups); others
+    shrink block_m to small M."""
+    block_m = 128 if mode == _M_CONTIGUOUS else max(16, min(128, next_power_of_2(m)))
+    if tile_config is not None:
+        bm, bn, w, st = tile_config
+        return (128 if mode == _M_CONTIGUOUS else min(bm, block_m)), bn, w, st
     if not on_gpu:
         return block_m, _INTERPRETER_BLOCK_N, 8, 3
-    if TILE_OVERRIDE is not None:
-        bm, bn, w, st = TILE_OVERRIDE
-        return (128 if mode == _M_CONTIGUOUS else min(bm, block_m)), bn, w, st
     # Measured on an H200 (bench/kernels.py --sweep, docs/benchmarks.md): 128x128x128 tiles, 8
     # warps, 3 stages were the best or within 10% of it at every swept shape.
     return block_m, 128, 8, 3
 
 
-def _launch(mode: int, a, sa, b, sb, grp, out: torch.Tensor, m: int, n: int, k: int, n_groups: int) -> None:
+def _launch(mode: int, a, sa, b, sb, grp, out: torch.Tensor, m: int, n: int, k: int, n_groups: int,
+            tile_config=None) -> None:
     """Strides are read as 3-D ([group, row, col]); a 2-D operand gets group stride 0."""
     def s3(t):
         if t is None:
@@ -176,7 +176,7 @@ def _launch(mode: int, a, sa, b, sb, grp, out: torch.Tensor, m: int, n: int, k: 
 
     scaled = sa is not None
     sb_rows = 1 if scaled and sb.shape[-2] == n and n > 1 else TILE
-    block_m, block_n, num_warps, num_stages = _tile_config(mode, m, a.device.type == "cuda")
+    block_m, block_n, num_warps, num_stages = _tile_config(mode, m, a.device.type == "cuda", tile_config)
     block_k = TILE if scaled else 64  # one scale per 128-wide step; bf16 tiles are twice the bytes
     grid = (cdiv(m, block_m) * cdiv(n, block_n), n_groups if mode in (_M_MASKED, _K_GROUPED) else 1)
     _gemm_nt_kernel[grid](
@@ -228,19 +228,20 @@ def _out_shape(mode: int, a: torch.Tensor, b: torch.Tensor, n_groups: int) -> tu
 
 @torch.library.custom_op("leanmoe::gemm_nt", mutates_args=())
 def _gemm_nt_op(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor | None, sb: torch.Tensor | None,
-                grp: torch.Tensor | None, mode: int, n_groups: int, out_dtype: torch.dtype) -> torch.Tensor:
+                grp: torch.Tensor | None, mode: int, n_groups: int, out_dtype: torch.dtype,
+                tile_config: list[int] | None = None) -> torch.Tensor:
     if not use_triton(a):
         with torch.autocast(a.device.type, enabled=False):  # the emulation matmuls in fp32, always
             return _reference(mode, a, sa, b, sb, grp, n_groups, out_dtype)
     out = torch.empty(_out_shape(mode, a, b, n_groups), device=a.device, dtype=out_dtype)
     m, k = a.shape[-2], a.shape[-1]
     if out.numel():
-        _launch(mode, a, sa, b, sb, grp, out, m, b.shape[-2], k, n_groups)
+        _launch(mode, a, sa, b, sb, grp, out, m, b.shape[-2], k, n_groups, tile_config)
     return out
 
 
 @_gemm_nt_op.register_fake
-def _(a, b, sa, sb, grp, mode, n_groups, out_dtype):
+def _(a, b, sa, sb, grp, mode, n_groups, out_dtype, tile_config=None):
     return a.new_empty(_out_shape(mode, a, b, n_groups), dtype=out_dtype)
 
 
@@ -269,29 +270,33 @@ def _check(name: str, a, sa, b, sb, a_dims: int, b_dims: int, sb_rows_ok: tuple[
 
 
 def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
-                out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.bfloat16, *, tile_config: TileConfig | None = None) -> torch.Tensor:
     """d [M, N] = a @ b^T from fp8 operands: a = (a [M, K] e4m3, sa [M, Kb]); b = (b [N, K] e4m3,
     sb [Nb, Kb] per 128x128 block, or [N, Kb] per 1x128 tile as for weight gradients)."""
     (a8, sa), (b8, sb) = a, b
     n = b8.shape[0]
     _check("fp8_gemm_nt", a8, sa, b8, sb, 2, 2, (cdiv(n, TILE), n))
-    return _gemm_nt_op(a8, b8, sa, sb, None, _PLAIN, 1, out_dtype)
+    return _gemm_nt_op(a8, b8, sa, sb, None, _PLAIN, 1, out_dtype,
+                       check_tile_config("fp8_gemm_nt", tile_config))
 
 
 def m_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
-                                     m_indices: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                                     m_indices: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, *,
+                                     tile_config: TileConfig | None = None) -> torch.Tensor:
     """d [M, N]: d[m] = a[m] @ b[m_indices[m]]^T. a = (a [M, K], sa [M, Kb]), b = (b [G, N, K],
     sb [G, Nb, Kb]); m_indices [M] int32, -1 for padding rows (their output is 0). Groups are
     contiguous and 128-row aligned (see `contiguous_layout`)."""
     (a8, sa), (b8, sb) = a, b
     _check("m_grouped_fp8_gemm_nt_contiguous", a8, sa, b8, sb, 2, 3, (cdiv(b8.shape[1], TILE),))
     _check_indices("m_grouped_fp8_gemm_nt_contiguous", m_indices, a8.shape[0])
-    return _gemm_nt_op(a8, b8, sa, sb, m_indices.to(torch.int32), _M_CONTIGUOUS, 1, out_dtype)
+    return _gemm_nt_op(a8, b8, sa, sb, m_indices.to(torch.int32), _M_CONTIGUOUS, 1, out_dtype,
+                       check_tile_config("m_grouped_fp8_gemm_nt_contiguous", tile_config))
 
 
 def m_grouped_fp8_gemm_nt_masked(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
                                  masked_m: torch.Tensor, expected_m: int | None = None,
-                                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                                 out_dtype: torch.dtype = torch.bfloat16, *,
+                                 tile_config: TileConfig | None = None) -> torch.Tensor:
     """d [G, M, N]: d[g, :masked_m[g]] = a[g, :masked_m[g]] @ b[g]^T, later rows 0. a = (a [G, M, K],
     sa [G, M, Kb]), b = (b [G, N, K], sb [G, Nb, Kb]); masked_m [G] int32 stays on the device (no
     host sync), so the call can be captured in a CUDA graph. expected_m is accepted for
@@ -301,11 +306,13 @@ def m_grouped_fp8_gemm_nt_masked(a: tuple[torch.Tensor, torch.Tensor], b: tuple[
     if a8.shape[0] != b8.shape[0] or masked_m.shape != (b8.shape[0],):
         raise ValueError(f"m_grouped_fp8_gemm_nt_masked: a {tuple(a8.shape)}, b {tuple(b8.shape)} and masked_m "
                          f"{tuple(masked_m.shape)} must agree on G")
-    return _gemm_nt_op(a8, b8, sa, sb, masked_m.to(torch.int32), _M_MASKED, b8.shape[0], out_dtype)
+    return _gemm_nt_op(a8, b8, sa, sb, masked_m.to(torch.int32), _M_MASKED, b8.shape[0], out_dtype,
+                       check_tile_config("m_grouped_fp8_gemm_nt_masked", tile_config))
 
 
 def k_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
-                                     k_ends: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                                     k_ends: torch.Tensor, out_dtype: torch.dtype = torch.float32, *,
+                                     tile_config: TileConfig | None = None) -> torch.Tensor:
     """d [G, M, N]: d[g] = a[:, Kg] @ b[:, Kg]^T over K ranges Kg = [k_ends[g-1], k_ends[g]).
     a = (a [M, T], sa [M, Tb]), b = (b [N, T], sb [N, Tb]), both with 1x128 tiles along T; every
     range starts at a multiple of 128. The weight gradient of grouped experts (T = tokens)."""
@@ -313,22 +320,27 @@ def k_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tu
     _check("k_grouped_fp8_gemm_nt_contiguous", a8, sa, b8, sb, 2, 2, (b8.shape[0],))
     if k_ends.dim() != 1:
         raise ValueError("k_grouped_fp8_gemm_nt_contiguous: k_ends must be [G]")
-    return _gemm_nt_op(a8, b8, sa, sb, k_ends.to(torch.int32), _K_GROUPED, k_ends.shape[0], out_dtype)
+    return _gemm_nt_op(a8, b8, sa, sb, k_ends.to(torch.int32), _K_GROUPED, k_ends.shape[0], out_dtype,
+                       check_tile_config("k_grouped_fp8_gemm_nt_contiguous", tile_config))
 
 
-def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, m_indices: torch.Tensor) -> torch.Tensor:
+def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, m_indices: torch.Tensor, *,
+                                      tile_config: TileConfig | None = None) -> torch.Tensor:
     """bf16 counterpart of m_grouped_fp8_gemm_nt_contiguous for GPUs without FP8: a [M, K],
     b [G, N, K] (same dtype), m_indices [M] -> d [M, N] in a's dtype, fp32 accumulation."""
     _check("m_grouped_bf16_gemm_nt_contiguous", a, None, b, None, 2, 3, ())
     _check_indices("m_grouped_bf16_gemm_nt_contiguous", m_indices, a.shape[0])
-    return _gemm_nt_op(a, b, None, None, m_indices.to(torch.int32), _M_CONTIGUOUS, 1, a.dtype)
+    return _gemm_nt_op(a, b, None, None, m_indices.to(torch.int32), _M_CONTIGUOUS, 1, a.dtype,
+                       check_tile_config("m_grouped_bf16_gemm_nt_contiguous", tile_config))
 
 
 def k_grouped_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, k_ends: torch.Tensor,
-                                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                                 out_dtype: torch.dtype = torch.float32, *,
+                                 tile_config: TileConfig | None = None) -> torch.Tensor:
     """Unscaled counterpart of k_grouped_fp8_gemm_nt_contiguous (any range boundaries)."""
     _check("k_grouped_gemm_nt_contiguous", a, None, b, None, 2, 2, ())
-    return _gemm_nt_op(a, b, None, None, k_ends.to(torch.int32), _K_GROUPED, k_ends.shape[0], out_dtype)
+    return _gemm_nt_op(a, b, None, None, k_ends.to(torch.int32), _K_GROUPED, k_ends.shape[0], out_dtype,
+                       check_tile_config("k_grouped_gemm_nt_contiguous", tile_config))
 
 
 def _check_indices(name: str, m_indices: torch.Tensor, m: int) -> None:

@@ -1,4 +1,4 @@
-"""FP8 training: linear layers and grouped experts whose three GEMMs run in fine-grained FP8.
+"""FP8 training kernels: linear and grouped-linear ops whose three GEMMs run in fine-grained FP8.
 
 Shape legend: T tokens, K in features, N out features, G experts, Mp padded expert rows.
 
@@ -15,29 +15,20 @@ weight gradient comes out in fp32 and the optimizer updates the high-precision m
 On CPU the GEMMs run as their references: quantise to E4M3, dequantise, matmul in fp32, so the
 numerics of FP8 training are exactly what the tests here measure.
 
-`convert_to_fp8(model)` switches a built leanmoe model over: every nn.Linear becomes an
-`Fp8Linear` and every `Experts` an `Fp8Experts`, in place (parameters, their names and any
-optimizer state are untouched). As in DeepSeek-V3, the embedding, the output head (`lm_head`),
-the router (`mlp.gate`), norms and the attention core itself stay in high precision.
+`fp8_linear` / `Fp8Linear` are the dense op and its nn.Linear drop-in; `fp8_grouped_linear` the
+grouped op over DeepGEMM's contiguous layout (the experts). Switching a built model over (which
+modules, which stay in high precision) is leanmoe.train.fp8.convert_to_fp8.
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from leanmoe.kernels.fp8 import per_block_cast_to_fp8, per_token_cast_to_fp8
-from leanmoe.kernels.fp8_gemm import (contiguous_layout, fp8_gemm_nt, k_grouped_fp8_gemm_nt_contiguous,
-                                      m_grouped_fp8_gemm_nt_contiguous)
-from leanmoe.model.moe import Experts
+from leanmoe.kernels.fp8_gemm import fp8_gemm_nt, k_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_contiguous
 
-__all__ = ["Fp8Linear", "Fp8Experts", "fp8_linear", "fp8_grouped_linear", "convert_to_fp8", "fp8_loss_curves"]
-
-# module names kept in high precision (DeepSeek-V3 section 3.3.1)
-HIGH_PRECISION = ("lm_head", "gate")
+__all__ = ["Fp8Linear", "fp8_linear", "fp8_grouped_linear"]
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -116,53 +107,3 @@ def fp8_grouped_linear(x_MK: torch.Tensor, w_GNK: torch.Tensor, m_indices: torch
     """Grouped FP8 linear over the padded contiguous layout (see fp8_gemm.contiguous_layout):
     x [Mp, K], w [G, N, K], m_indices [Mp], k_ends [G] -> [Mp, N]."""
     return _Fp8GroupedLinearFn.apply(x_MK, w_GNK, m_indices, k_ends, out_dtype or _out_dtype(x_MK))
-
-
-class Fp8Experts(Experts):
-    """`Experts` whose six GEMMs (forward, dgrad, wgrad of gate_up and down) run in FP8. Token
-    copies are scattered into DeepGEMM's 128-aligned contiguous layout (a static-size buffer, no
-    host sync), run through the m-grouped / k-grouped FP8 GEMMs and gathered back."""
-
-    def forward(self, x_MD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-        dtype = _out_dtype(x_MD)
-        m = x_MD.shape[0]
-        pos_M, m_indices, k_ends = contiguous_layout(offs_E, m)
-        x_pad = x_MD.new_zeros(m_indices.shape[0], x_MD.shape[1]).index_copy(0, pos_M, x_MD)
-        gate, up = fp8_grouped_linear(x_pad, self.gate_up_proj, m_indices, k_ends, dtype).chunk(2, dim=-1)
-        y_pad = fp8_grouped_linear(F.silu(gate) * up, self.down_proj, m_indices, k_ends, dtype)
-        return y_pad[pos_M]
-
-
-def convert_to_fp8(model: nn.Module, keep: tuple[str, ...] = HIGH_PRECISION) -> nn.Module:
-    """Train `model` in FP8 from now on: every nn.Linear -> Fp8Linear, every Experts ->
-    Fp8Experts, except modules whose own name is in `keep`. In place; returns the model."""
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in keep:
-            continue
-        if type(module) is nn.Linear:
-            module.__class__ = Fp8Linear
-        elif type(module) is Experts:
-            module.__class__ = Fp8Experts
-    return model
-
-
-def fp8_loss_curves(model: nn.Module, batches, lr: float = 1e-3,
-                    autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train a copy of `model` (a leanmoe Transformer) as it is and an FP8 copy on the same
-    batches [(input_ids, targets), ...] with AdamW and the router-bias update, under autocast to
-    `autocast_dtype` if given: per-step lm losses (baseline, fp8). How to check that FP8 training
-    tracks the high-precision run on a model and data of your own."""
-    curves = []
-    for m in (copy.deepcopy(model), convert_to_fp8(copy.deepcopy(model))):
-        opt = torch.optim.AdamW(m.parameters(), lr=lr)
-        losses = []
-        for x, y in batches:
-            with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = m.compute_loss(x, y)
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-            m.update_router_bias()
-            losses.append(out.lm_loss.item())
-        curves.append(torch.tensor(losses))
-    return curves[0], curves[1]

@@ -85,7 +85,7 @@ def _use_triton(x: torch.Tensor) -> bool:
     """A GPU without a working torch._grouped_mm: leanmoe's Triton grouped GEMM (no host sync)."""
     if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
         return False
-    from leanmoe.kernels.fp8 import use_triton
+    from leanmoe.kernels.dispatch import use_triton  # lazy: imports triton
 
     return use_triton(x)
 

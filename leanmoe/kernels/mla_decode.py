@@ -19,9 +19,9 @@ padding may hold anything (tests fill it with NaN).
 `mla_decode_reference` is the obvious per-sequence gather-and-softmax in fp32;
 `mla_decode_torch` is the same math for the whole batch at once (the CPU fast path);
 `mla_decode` is the dispatch point every caller uses (Triton on CUDA/ROCm tensors, the batched
-torch path elsewhere; see
-leanmoe.kernels.fp8 for the rule and LEANMOE_TRITON_INTERPRET); `paged_mla_attend` is the call
-site an inference backend uses to run one MLA layer's absorbed attention over a paged cache.
+torch path elsewhere; see leanmoe.kernels.dispatch for the rule and LEANMOE_TRITON_INTERPRET).
+The inference call site, one MLA layer's absorbed attention over a paged cache, is
+leanmoe.infer.paged_cache.paged_mla_attend.
 
 The Triton kernel is flash-decoding (split-KV): program (b, head tile, split) walks its share of
 sequence b's tokens through the block table BLOCK_N at a time, one online softmax in base 2,
@@ -41,9 +41,9 @@ import math
 
 import torch
 
-from leanmoe.kernels.fp8 import _jit, cdiv, tl, use_triton
+from leanmoe.kernels.dispatch import cdiv, check_tile_config, next_power_of_2, tl, triton_jit, use_triton
 
-__all__ = ["mla_decode", "mla_decode_reference", "mla_decode_torch", "mla_decode_triton", "paged_mla_attend"]
+__all__ = ["mla_decode", "mla_decode_reference", "mla_decode_torch", "mla_decode_triton"]
 
 
 def _check(q, kv_cache, block_table, cache_seqlens, head_dim_v):
@@ -113,7 +113,7 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     return torch.einsum("bhqs,bsv->bqhv", p, k[..., :head_dim_v]).to(q.dtype), lse
 
 
-@_jit
+@triton_jit
 def _mla_decode_kernel(
     q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_ptr, lse_ptr,
     s_qb, s_qs, s_qh, s_kvb, s_kvt, s_btb, s_ob, s_or, s_os, s_lb, s_lr,
@@ -179,7 +179,7 @@ def _mla_decode_kernel(
     tl.store(lse_ptr + b.to(tl.int64) * s_lb + rows * s_lr + split, lse, mask=row_ok)
 
 
-@_jit
+@triton_jit
 def _mla_combine_kernel(o_part_ptr, lse_part_ptr, out_ptr, lse_ptr,
                         s_pb, s_pr, s_ps, s_lpb, s_lpr, s_outb, s_outs, s_outh, s_lb, s_lh,
                         H_Q, DV, N_SPLITS, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -201,15 +201,6 @@ def _mla_combine_kernel(o_part_ptr, lse_part_ptr, out_ptr, lse_ptr,
     tl.store(lse_ptr + b * s_lb + qh * s_lh + qi, lse)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
-# GPU tile configuration override (rows per program, keys per step, num_warps, num_stages); set by
-# bench/kernels.py --sweep to time alternatives. None: the defaults in mla_decode_triton.
-TILE_OVERRIDE: tuple[int, int, int, int] | None = None
-
-
 def _num_splits(q: torch.Tensor, work_tiles: int, max_len: int, block_n: int) -> int:
     """Enough (batch, head tile, split) programs to fill the GPU twice over, each split keeping at
     least a few BLOCK_N steps. max_len is the static bound max_blocks * block_size (no sync)."""
@@ -221,10 +212,14 @@ def _num_splits(q: torch.Tensor, work_tiles: int, max_len: int, block_n: int) ->
 
 def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                       cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float | None = None,
-                      causal: bool = False, num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      causal: bool = False, num_splits: int | None = None, *,
+                      tile_config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton launcher behind `mla_decode` (same contract); num_splits overrides the split-KV
-    heuristic. Needs q and kv_cache contiguous along d, int32 block_table and cache_seqlens."""
+    heuristic, tile_config = (rows per program, keys per step, num_warps, num_stages) the tile
+    choice (None: the measured default; bench/kernels.py --sweep times alternatives). Needs q and
+    kv_cache contiguous along d, int32 block_table and cache_seqlens."""
     _check(q, kv_cache, block_table, cache_seqlens, head_dim_v)
+    tile_config = check_tile_config("mla_decode", tile_config)
     if q.stride(-1) != 1 or kv_cache.stride(-1) != 1:
         raise ValueError("mla_decode: q and kv_cache must be contiguous along the head dim")
     if q.dtype != kv_cache.dtype or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -243,13 +238,13 @@ def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torc
     # (128 heads) 64 rows x 32 keys per step, so each K tile is read by half as many programs
     # (619 vs 319 GB/s for 32 x 32); with few rows (16 heads) 64 keys per step (2230 vs 1520
     # GB/s). 8 warps, 2 stages. The interpreter prefers wide tiles.
-    if on_gpu:
+    if tile_config is not None:
+        max_h, block_n, num_warps, num_stages = tile_config
+    elif on_gpu:
         max_h, block_n, num_warps, num_stages = (64, 32, 8, 2) if rows >= 64 else (32, 64, 8, 2)
     else:
         max_h, block_n, num_warps, num_stages = 64, 64, 8, 2
-    if on_gpu and TILE_OVERRIDE is not None:
-        max_h, block_n, num_warps, num_stages = TILE_OVERRIDE
-    block_h = max(16, min(max_h, _next_pow2(rows)))
+    block_h = max(16, min(max_h, next_power_of_2(rows)))
     row_tiles = cdiv(rows, block_h)
     if num_splits is None:
         num_splits = _num_splits(q, b * row_tiles, block_table.shape[1] * page, block_n)
@@ -267,38 +262,23 @@ def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torc
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
         h_q, s_q, head_dim_v, dr, page, scale * math.log2(math.e),
         CAUSAL=causal, DOT_F32=dot_f32, PRECISION="ieee" if dot_f32 else "tf32",  # fp32 dots: IEEE, not TF32
-        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DV=max(16, _next_pow2(head_dim_v)),
-        BLOCK_DR=max(16, _next_pow2(dr)), num_warps=num_warps, num_stages=num_stages)
+        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DV=max(16, next_power_of_2(head_dim_v)),
+        BLOCK_DR=max(16, next_power_of_2(dr)), num_warps=num_warps, num_stages=num_stages)
     _mla_combine_kernel[(b, rows)](
         o_part, lse_part, out, lse, o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), h_q, head_dim_v, num_splits,
-        BLOCK_S=max(2, _next_pow2(num_splits)), BLOCK_DV=_next_pow2(head_dim_v), num_warps=4)
+        BLOCK_S=max(2, next_power_of_2(num_splits)), BLOCK_DV=next_power_of_2(head_dim_v), num_warps=4)
     return out, lse
 
 
-# ---------------------------------------------------------------------- dispatch and call site
+# ---------------------------------------------------------------------- dispatch
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-               head_dim_v: int, softmax_scale: float | None = None, causal: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               head_dim_v: int, softmax_scale: float | None = None, causal: bool = False, *,
+               tile_config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashMLA-compatible paged MLA decode (see the module docstring). -> (out [b, s_q, h_q, dv],
-    lse [b, h_q, s_q] fp32)."""
+    lse [b, h_q, s_q] fp32). tile_config: the Triton path's tile choice (see mla_decode_triton)."""
     if use_triton(q):
-        return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
+        return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
+                                 tile_config=tile_config)
     return mla_decode_torch(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
-
-
-def paged_mla_attend(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
-                     block_table: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
-    """One MLA layer's absorbed attention over a paged latent cache: what a paged
-    `AttentionBackend.attend` calls after writing this step's latents into `kv_cache`.
-
-    attn: the layer's `leanmoe.model.attention.MLA`; q_nope [B, T, H, N], q_pe [B, T, H, R]
-    (rotated); kv_cache [n_blocks, bs, 1, C + R] holding [c_kv ; k_pe] per token, this step's T
-    included; cache_seqlens [B] counts them. -> [B, T, H*V] (before o_proj), causal over the T new
-    tokens as `MLA.attend_absorbed`.
-    """
-    q = torch.cat([attn.absorb_q(q_nope), q_pe], dim=-1).to(kv_cache.dtype)  # [B, T, H, C + R]
-    o_lat, _ = mla_decode(q.contiguous(), kv_cache, block_table, cache_seqlens, attn.kv_lora_rank,
-                          softmax_scale=attn.scale, causal=True)
-    return attn.unabsorb_o(o_lat.to(q_nope.dtype))

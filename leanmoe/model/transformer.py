@@ -5,7 +5,7 @@ Shape legend: B batch, T tokens, D hidden, V vocabulary.
 Module names reproduce the HF DeepseekV3 checkpoint (`model.embed_tokens`, `model.layers.{i}`,
 `model.norm`, `lm_head`), with MTP module k stored as `model.layers.{num_hidden_layers + k}`
 as in DeepSeek's release, so `state_dict()` keys are HF keys apart from the stacked experts
-(see leanmoe.checkpoint).
+(see leanmoe.weights).
 """
 
 from __future__ import annotations
@@ -126,10 +126,6 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_weights(seed)
-        if cfg.fp8:  # linear layers and experts train in fine-grained FP8 (V3 section 3.3)
-            from leanmoe.kernels.fp8_linear import convert_to_fp8  # lazy: `import leanmoe` stays triton-free
-
-            convert_to_fp8(self)
 
     # ------------------------------------------------------------------ structure
     @property

@@ -5,16 +5,16 @@ checkpointing, and full-state checkpoints that resume with any world size.
     groups.py       ParallelConfig, ParallelDims (the (dp, ep) DeviceMesh), torchrun environment
     ep.py           dispatch / combine (all_to_all_single with autograd), FP8 payloads, ExpertParallel
     parallelize.py  parallelize(model, dims): EP sharding of experts, FSDP2, checkpointing, clipping
-    checkpoint.py   full state of a parallelized model (gather to rank 0, slice on load)
+    full_state.py   full state of a parallelized model (gather to rank 0, slice on load)
     launch.py       `leanmoe train --nproc N`: re-run the command under torchrun
-    scale_model.py  dispatch/combine bytes and time at cluster scale, checked against DeepEP
 
 See docs/distributed.md. Importing this package starts nothing (and loads no Triton: the FP8
 cast is imported when an FP8 dispatch first runs).
 """
 
 from leanmoe.parallel.ep import ExpertParallel, combine_allgather, dispatch_allgather, get_dispatch_layout
-from leanmoe.parallel.groups import ParallelConfig, ParallelDims, init_process_group
+from leanmoe.parallel.config import ParallelConfig
+from leanmoe.parallel.groups import ParallelDims, init_process_group
 from leanmoe.parallel.parallelize import clip_grad_norm_, parallelize
 
 __all__ = ["ExpertParallel", "ParallelConfig", "ParallelDims", "init_process_group", "parallelize",

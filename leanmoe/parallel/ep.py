@@ -31,7 +31,7 @@ dispatch to, and the baseline bench/ep.py measures against.
 
 NOTE: unlike DeepEP, a token bound for several ranks of one remote node crosses the network once
 per rank (no NVLink forwarding) and communication does not overlap computation;
-leanmoe.parallel.scale_model estimates what that costs at scale.
+leanmoe.train.scale_model estimates what that costs at scale.
 """
 
 from __future__ import annotations

@@ -18,36 +18,15 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["ParallelConfig", "ParallelDims", "env_world_size", "init_process_group", "local_device",
+__all__ = ["ParallelDims", "env_world_size", "init_process_group", "local_device",
            "is_initialized", "rank", "world_size", "is_rank0", "broadcast_str", "broadcast_flag",
            "broadcast_float", "all_reduce_sum"]
-
-
-@dataclass
-class ParallelConfig:
-    """How a distributed run is laid out (a launch setting, not part of the model).
-
-    ep: expert-parallel degree; None means 1, or when resuming the value saved with the run if it
-        divides the number of processes. Must divide the world size and n_routed_experts.
-    activation_checkpointing: recompute attention, dense MLPs and expert SwiGLUs in backward
-        (the all-to-alls are not repeated).
-    fp8_dispatch: send dispatch payloads as FP8 E4M3 with one fp32 scale per 1x128 tile.
-    bf16_combine: send combine payloads (and all gradient all-to-alls) in bf16.
-    """
-
-    ep: int | None = None
-    activation_checkpointing: bool = False
-    fp8_dispatch: bool = False
-    bf16_combine: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------------------- environment

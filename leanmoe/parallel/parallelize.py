@@ -158,7 +158,7 @@ def materialize(model: Transformer, device: torch.device | str, seed: int) -> Tr
         parallelize(model, dims)
         materialize(model, dims.device, seed)
     """
-    from leanmoe.parallel.checkpoint import expert_parallel_params, local_shard
+    from leanmoe.parallel.full_state import expert_parallel_params, local_shard
 
     model.to_empty(device=device)
     ep = expert_parallel_params(model)

@@ -1,13 +1,28 @@
-"""TrainConfig: every knob of a training run, as data (the CLI fills it; Python users build it)."""
+"""TrainConfig: every knob of a training run, as data (the CLI fills it; Python users build it).
+
+`TrainConfig.resolved(model_cfg, device)` returns a copy with the device-dependent defaults
+filled in and every value checked (like `EngineConfig.resolved` for serving); the caller's
+config is never changed.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["TrainConfig", "parse_duration"]
+if TYPE_CHECKING:
+    import torch
+
+    from leanmoe.config import ModelConfig
+
+__all__ = ["TrainConfig", "TrainingError", "parse_duration"]
+
+
+class TrainingError(RuntimeError):
+    """A run cannot continue; the message says why and what to change. Checkpoints are kept."""
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -57,7 +72,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     mtp_weight: float | None = None  # None: the model config's mtp_loss_weight
-    fp8: bool = False  # fine-grained FP8 linear layers and experts (sets the model config's fp8)
+    fp8: bool = False  # convert linear layers and experts to fine-grained FP8 after building the model
     bias_update_speed: float | None = None  # None: the model config's
 
     # evaluation, checkpoints, logging
@@ -71,8 +86,8 @@ class TrainConfig:
 
     # runtime
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
-    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps (leanmoe.device)
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 elsewhere) | fp32 | bf16
     compile: str = "auto"  # auto (on for CUDA) | on | off
     resume: bool = False
 
@@ -84,6 +99,87 @@ class TrainConfig:
 
     def budget_given(self) -> bool:
         return any(x is not None for x in (self.max_steps, self.max_tokens, self.time_budget))
+
+    def resolved(self, cfg: ModelConfig, device: torch.device, world_size: int = 1,
+                 free_memory: int | None = None, say: Callable[[str], None] | None = None) -> TrainConfig:
+        """A copy with every None filled in for this model, device and number of processes, then
+        checked; raises TrainingError naming the flag. A micro-batch left to the default shrinks
+        (gradient accumulation keeps the batch) until a step fits `free_memory` bytes; an
+        explicit one that does not fit is refused."""
+        from leanmoe.device import auto_dtype, dtype_name
+        from leanmoe.train.memory import HEADROOM, estimate_step_memory, largest_fitting_micro_batch
+
+        tc, gpu = dataclasses.replace(self), device.type == "cuda"
+        if tc.seq_len is None:
+            tc.seq_len = min(2048 if gpu else 256, cfg.max_position_embeddings)
+        if tc.batch_size is None:
+            tc.batch_size = (32 if gpu else 16) * world_size  # the global batch
+        auto_micro_batch = tc.micro_batch_size is None
+        if auto_micro_batch:  # per rank
+            tc.micro_batch_size = max(1, tc.batch_size // world_size)
+        if tc.lr is None:
+            # 3e-3 at the tiny width (best of 1.25e-3 / 3e-3 / 5e-3 in 3-minute CPU runs), falling
+            # as hidden^-0.78 to DeepSeek-V3's own 2.2e-4 at hidden 7168
+            tc.lr = float(f"{3e-3 * (256 / cfg.hidden_size) ** 0.78:.2g}")
+        if not tc.budget_given():
+            tc.time_budget = 600.0
+        if tc.warmup_steps is None:
+            tc.warmup_steps = max(1, min(100, int(0.05 * tc.max_steps))) if tc.max_steps else 50
+        if tc.eval_interval is None:
+            tc.eval_interval = max(1, min(100, tc.max_steps // 5)) if tc.max_steps else 100
+        if tc.save_interval is None:
+            tc.save_interval = 2 * tc.eval_interval
+        try:
+            tc.dtype = dtype_name(tc.dtype, allowed=("fp32", "bf16"))
+        except ValueError as e:
+            raise TrainingError(f"--dtype must be fp32 or bf16, got {tc.dtype!r}") from e
+        if tc.dtype == "auto":
+            tc.dtype = auto_dtype(device)
+        if tc.compile == "auto":
+            tc.compile = "on" if gpu else "off"
+
+        if tc.seq_len > cfg.max_position_embeddings:
+            raise TrainingError(
+                f"--seq-len {tc.seq_len} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings}); "
+                f"use --seq-len {cfg.max_position_embeddings} or less, or a config with longer positions")
+        if tc.seq_len < 2:
+            raise TrainingError(f"--seq-len must be at least 2, got {tc.seq_len}")
+        if tc.batch_size < 1 or tc.micro_batch_size < 1 or tc.batch_size % (tc.micro_batch_size * world_size):
+            raise TrainingError(f"--batch-size {tc.batch_size} must be a positive multiple of --micro-batch-size "
+                                f"{tc.micro_batch_size}" + (f" x {world_size} processes" if world_size > 1 else ""))
+        if free_memory is None:
+            return tc
+        need = estimate_step_memory(cfg, tc.micro_batch_size, tc.seq_len, world_size=world_size)
+        if need > HEADROOM * free_memory and auto_micro_batch:
+            mb = largest_fitting_micro_batch(cfg, tc.batch_size // world_size, tc.micro_batch_size, tc.seq_len,
+                                             free_memory, world_size)
+            if mb is not None:
+                if say is not None:
+                    say(f"micro-batch {tc.micro_batch_size} -> {mb} sequences of {tc.seq_len} tokens to fit "
+                        f"{free_memory / 2**30:.0f} GiB free on {device} (gradient accumulation keeps the batch "
+                        f"of {tc.batch_size}); --micro-batch-size sets it")
+                tc.micro_batch_size = mb
+                need = estimate_step_memory(cfg, mb, tc.seq_len, world_size=world_size)
+        if need > HEADROOM * free_memory:
+            raise TrainingError(
+                f"a micro-batch of {tc.micro_batch_size} x {tc.seq_len} tokens needs about {need / 2**30:.1f} GiB "
+                f"(weights, optimizer, activations) but only {free_memory / 2**30:.1f} GiB is free on {device}; "
+                "lower --micro-batch-size (gradient accumulation keeps --batch-size) or --seq-len")
+        return tc
+
+    def for_world(self, world_size: int, say: Callable[[str], None] | None = None) -> TrainConfig:
+        """A saved (resolved) config for resuming on `world_size` processes: the micro-batch shrinks
+        if it no longer splits the global batch evenly over the ranks."""
+        tc = dataclasses.replace(self)
+        per_rank, rem = divmod(tc.batch_size, world_size)
+        if rem or per_rank == 0 or per_rank % tc.micro_batch_size == 0:
+            return tc
+        mb = max(d for d in range(1, min(tc.micro_batch_size, per_rank) + 1) if per_rank % d == 0)
+        if say is not None:
+            say(f"micro-batch {tc.micro_batch_size} -> {mb} sequences so {world_size} processes split the batch "
+                f"of {tc.batch_size}")
+        tc.micro_batch_size = mb
+        return tc
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,26 +1,63 @@
-"""report.md for a run: what it achieved, what it cost, how balanced the experts were.
+"""What a run shows its user: the live progress line while it trains, and report.md when it ends
+(what it achieved, what it cost, how balanced the experts were).
 
-Every number comes from the run itself (metrics.jsonl, the trainer's counters) or from the cost
-model in leanmoe.train.cost, which is labelled as an estimate.
+The report is written from a `RunSummary`, a plain value the trainer fills in: every number comes
+from the run itself (metrics.jsonl, the trainer's counters) or from the cost model in
+leanmoe.train.cost, which is labelled as an estimate.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from leanmoe.train.cost import GPUS, estimate_cost, find_gpu
+from leanmoe.config import ModelConfig
+from leanmoe.train.config import TrainConfig
+from leanmoe.train.cost import GPU, GPUS, estimate_cost
 
-if TYPE_CHECKING:
-    from leanmoe.train.trainer import Trainer, TrainResult
+__all__ = ["TrainResult", "RunSummary", "ProgressDisplay", "write_report", "read_metrics", "device_name"]
 
-__all__ = ["write_report", "read_metrics"]
+
+@dataclass
+class TrainResult:
+    """What `train()` returns: the run's counters and where its outputs are."""
+
+    run_dir: Path
+    steps: int
+    tokens: int
+    elapsed: float
+    final_loss: float | None
+    val_loss: float | None
+    val_bpb: float | None
+    tokens_per_second: float  # median over this call's steps
+    checkpoint: Path | None
+    report: Path | None
+    interrupted: bool = False
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunSummary:
+    """Everything report.md says about a run, as plain values."""
+
+    train_config: TrainConfig  # resolved
+    model_config: ModelConfig
+    result: TrainResult
+    world_size: int
+    device_type: str  # cpu | cuda | mps
+    device_name: str  # "NVIDIA H200" or the CPU model with its thread count
+    gpu: GPU | None = None  # the price/peak table entry (None on CPU/MPS or an unknown GPU)
+    peak_memory_gib: float | None = None  # CUDA: peak allocated on rank 0
+    load_total: torch.Tensor | None = None  # [n_moe_layers, E] tokens per expert over the run
+    last_eval: dict[str, Any] | None = None  # leanmoe.train.evaluate.evaluate() of the final step
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -30,7 +67,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model with the number of threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
@@ -108,21 +146,21 @@ def _moe_layer_names(cfg) -> list[str]:
     return names
 
 
-def write_report(trainer: Trainer, result: TrainResult, load_total: torch.Tensor | None,
-                 last_eval: dict[str, Any] | None) -> Path:
-    tc, cfg, run_dir = trainer.tc, trainer.cfg, trainer.run_dir
+def write_report(run: RunSummary, run_dir: Path) -> Path:
+    """Write RUN/report.md (and loss.png, expert_load.png) atomically; returns its path."""
+    tc, cfg, result, n_dev = run.train_config, run.model_config, run.result, run.world_size
+    load_total, last_eval = run.load_total, run.last_eval
     records = read_metrics(run_dir)
     loss_png = _plot_loss(records, run_dir / "loss.png")
     load_png = _plot_load(records, run_dir / "expert_load.png", _moe_layer_names(cfg))
     fpt = cfg.flops_per_token(tc.seq_len)
     train_flops = fpt * result.tokens
     achieved = fpt * result.tokens_per_second  # FLOP/s at the median step speed, all devices together
-    n_dev = trainer.world
     hours = result.elapsed / 3600 * n_dev  # device-hours
     lines = [
         f"# Training report: {run_dir.name}",
         "",
-        f"Written {dt.datetime.now().isoformat(timespec='seconds')} by leanmoe; device: {_device_name(trainer.device)}; "
+        f"Written {dt.datetime.now().isoformat(timespec='seconds')} by leanmoe; device: {run.device_name}; "
         f"torch {torch.__version__}; dtype {tc.dtype}.",
         "",
         "## Model",
@@ -139,14 +177,13 @@ def write_report(trainer: Trainer, result: TrainResult, load_total: torch.Tensor
         f"{_f(result.final_loss)} | {_f(result.val_loss)} | {_f(result.val_bpb)} |",
         "",
         f"Batch {tc.batch_size} x {tc.seq_len} tokens"
-        + (f" ({tc.batch_size // (tc.micro_batch_size * trainer.world)} micro-batches of {tc.micro_batch_size}"
-           + (f" on each of {trainer.world} processes" if trainer.world > 1 else "") + ")"
-           if tc.micro_batch_size * trainer.world != tc.batch_size else "")
+        + (f" ({tc.batch_size // (tc.micro_batch_size * n_dev)} micro-batches of {tc.micro_batch_size}"
+           + (f" on each of {n_dev} processes" if n_dev > 1 else "") + ")"
+           if tc.micro_batch_size * n_dev != tc.batch_size else "")
         + f", peak lr {tc.lr} ({tc.schedule}, {tc.warmup_steps} warm-up "
         f"steps), data: {', '.join(tc.data) if tc.data else 'the Python standard library'}."
-        + (f" Peak GPU memory allocated: {torch.cuda.max_memory_allocated(trainer.device) / 2**30:.1f} GiB"
-           + (" (rank 0)" if trainer.world > 1 else "") + "."
-           if trainer.device.type == "cuda" else "")
+        + (f" Peak GPU memory allocated: {run.peak_memory_gib:.1f} GiB" + (" (rank 0)" if n_dev > 1 else "") + "."
+           if run.peak_memory_gib is not None else "")
         + (" The run was interrupted and can be resumed with `--resume`." if result.interrupted else ""),
         "",
     ]
@@ -157,15 +194,15 @@ def write_report(trainer: Trainer, result: TrainResult, load_total: torch.Tensor
               "parameters + causal attention + MTP; see `ModelConfig.flops_per_token`).",
               f"- Training FLOPs of this run: {train_flops:.3g}; achieved {achieved / 1e9:,.1f} GFLOP/s at the median "
               "step speed."]
-    peak = trainer.peak_flops()
-    if peak:
-        gpu = find_gpu(tc.gpu or torch.cuda.get_device_name(trainer.device))
+    gpu = run.gpu
+    if gpu is not None:
+        peak = gpu.peak_flops("bf16")
         price = tc.price_per_hour if tc.price_per_hour is not None else gpu.price_per_hour
         lines += [f"- MFU: {achieved / (peak * n_dev):.1%} of {n_dev} x {gpu.name.upper()} at "
                   f"{peak / 1e12:.0f} TFLOP/s dense BF16 peak each.",
                   f"- GPU-hours: {hours:.3f}; cost at ${price:.2f}/GPU-hour: ${hours * price:.2f}."]
     else:
-        what = "CPU" if trainer.device.type == "cpu" else trainer.device.type.upper()
+        what = run.device_type.upper()
         lines.append(f"- MFU is not meaningful on the {what}: there is no tensor-core peak to compare against.")
         if tc.price_per_hour is not None:
             lines.append(f"- Device-hours: {hours:.3f}; cost at ${tc.price_per_hour:.2f}/hour: ${hours * tc.price_per_hour:.4f}.")
@@ -201,7 +238,7 @@ def write_report(trainer: Trainer, result: TrainResult, load_total: torch.Tensor
         lines += ["## Samples (last validation)", ""]
         for s in last_eval["samples"]:
             lines += ["```", s["prompt"] + s["completion"], "```", ""]
-    path = run_dir / "report.md"
+    path = Path(run_dir) / "report.md"
     tmp = path.with_name(".report.md.tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(path)
@@ -214,3 +251,58 @@ def _duration(seconds: float) -> str:
 
 def _f(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
+
+
+# ---------------------------------------------------------------------------- the live display
+def fmt_eta(seconds: float) -> str:
+    """1:02:03, 4:05, or ? when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class ProgressDisplay:
+    """The terminal side of a run: `[leanmoe]` messages, a tqdm bar with step, loss, tokens/s, MFU
+    and ETA, and the validation lines with samples. Silent when `enabled` is False (--quiet, or
+    ranks other than 0)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def say(self, msg: str) -> None:
+        if self.enabled:
+            print(f"[leanmoe] {msg}", flush=True)
+
+    def open(self) -> None:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=1000, bar_format="{percentage:3.0f}%|{bar:20}| {desc}", dynamic_ncols=True)
+
+    def update(self, progress: float, step: int, loss: float, tps: float, mfu: float | None, elapsed: float) -> None:
+        """`progress` in [0, 1] of the budget; the ETA assumes the rest goes as fast as so far."""
+        if self.bar is None:
+            return
+        self.bar.n = min(1000, int(progress * 1000))
+        eta = elapsed * (1 - progress) / progress if progress > 0 else float("inf")
+        mfu_s = f"{mfu:.1%}" if mfu is not None else "n/a (cpu)"
+        self.bar.set_description_str(f"step {step} | loss {loss:.3f} | {tps:,.0f} tok/s | MFU {mfu_s} | "
+                                     f"ETA {fmt_eta(eta)}")
+
+    def evaluation(self, step: int, ev: dict[str, Any]) -> None:
+        lines = [f"step {step}: val_loss {ev['val_loss']:.4f}, val_bpb {ev['val_bpb']:.4f}"]
+        for s in ev["samples"][:2]:
+            lines.append(f"  {s['prompt']!r} -> {s['completion'][:120]!r}")
+        if self.bar is not None:
+            for line in lines:
+                self.bar.write(line)
+        elif self.enabled:
+            print("\n".join(lines), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

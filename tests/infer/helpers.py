@@ -1,5 +1,11 @@
 """Helpers for the inference tests."""
 
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
 import torch
 
 from leanmoe import Transformer
@@ -53,3 +59,43 @@ def make_drafting_model(seed: int = 2, eps: float = 0.3) -> Transformer:
             w[:, :d] = torch.eye(d)
             layer.eh_proj.weight.copy_(w + 0.05 * torch.randn(d, 2 * d))
     return model
+
+
+class ServerThread:
+    """Run an app with uvicorn on a background thread:
+
+        with ServerThread(app) as srv:  # a free loopback port
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+
+    The socket is bound here and handed to uvicorn, so no other process can take the port between
+    choosing it and serving on it."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.host = host
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()

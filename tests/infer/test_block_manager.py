@@ -5,7 +5,7 @@ import random
 import pytest
 
 from leanmoe.infer.block_manager import BlockManager
-from leanmoe.infer.sampler import SamplingParams
+from leanmoe.infer.sampling_params import SamplingParams
 from leanmoe.infer.sequence import Sequence
 
 P = SamplingParams(temperature=0)

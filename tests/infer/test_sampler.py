@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from leanmoe.infer.sampler import Sampler, SamplingParams
+from leanmoe.infer.sampler import Sampler
+from leanmoe.infer.sampling_params import SamplingParams
 
 
 def test_params_validation():

@@ -12,7 +12,8 @@ openai = pytest.importorskip("openai")
 
 from leanmoe.infer import LLM, SamplingParams  # noqa: E402
 from leanmoe.infer.async_engine import AsyncEngine  # noqa: E402
-from leanmoe.infer.server import ServerThread, create_app  # noqa: E402
+from leanmoe.infer.server import create_app  # noqa: E402
+from tests.infer.helpers import ServerThread  # noqa: E402
 
 KEY = "test-key"
 MODEL = "micro"

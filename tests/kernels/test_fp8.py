@@ -5,11 +5,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first importe
 import pytest
 import torch
 
-from leanmoe.kernels import fp8
+from leanmoe.kernels import dispatch, fp8
 from leanmoe.kernels.fp8 import (FP8_MAX, per_block_cast_to_fp8, per_block_cast_to_fp8_reference, per_block_dequant,
                                  per_token_cast_to_fp8, per_token_cast_to_fp8_reference, per_token_dequant)
 
-needs_triton = pytest.mark.skipif(fp8.triton is None, reason="triton is not installed")
+needs_triton = pytest.mark.skipif(dispatch.triton is None, reason="triton is not installed")
 
 
 
@@ -115,18 +115,6 @@ def test_triton_rounds_every_e4m3_value_and_midpoint(triton_path):
     q, _ = fp8.per_token_cast_triton(x)
     rq, _ = per_token_cast_to_fp8_reference(x)
     assert _codes_equal(q, rq)
-
-
-def test_dispatch_rule(monkeypatch):
-    x = torch.randn(4, 4)
-    monkeypatch.delenv("LEANMOE_TRITON_INTERPRET", raising=False)
-    assert not fp8.use_triton(x)
-    if fp8.triton is not None:
-        monkeypatch.setenv("LEANMOE_TRITON_INTERPRET", "1")
-        assert fp8.use_triton(x)
-        monkeypatch.setattr(fp8, "InterpretedFunction", type(None))  # as if triton were compiled-mode
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-            fp8.use_triton(x)  # asked for Triton on CPU but cannot: an error, not the reference
 
 
 def test_errors():

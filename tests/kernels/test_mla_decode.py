@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from leanmoe import LatentCache, Transformer
-from leanmoe.kernels import fp8
-from leanmoe.kernels.mla_decode import (mla_decode, mla_decode_reference, mla_decode_torch, mla_decode_triton,
-                                        paged_mla_attend)
+from leanmoe.infer.paged_cache import paged_mla_attend
+from leanmoe.kernels import dispatch
+from leanmoe.kernels.mla_decode import mla_decode, mla_decode_reference, mla_decode_torch, mla_decode_triton
 from tests.util import micro_config
 
-needs_triton = pytest.mark.skipif(fp8.triton is None, reason="triton is not installed")
+needs_triton = pytest.mark.skipif(dispatch.triton is None, reason="triton is not installed")
 
 
 V3 = micro_config().replace(kv_lora_rank=512, qk_rope_head_dim=64)  # DeepSeek-V3's latent: 512 + 64
@@ -123,6 +123,18 @@ def test_triton_long_context_split_kv():
     ref = mla_decode_reference(q, kv, bt, lens, dv)
     for splits in (1, 7):
         _assert_matches(*mla_decode_triton(q, kv, bt, lens, dv, num_splits=splits), *ref, torch.bfloat16)
+
+
+@needs_triton
+@pytest.mark.parametrize("tile_config", [(16, 16, 4, 2), (32, 64, 8, 3)])
+def test_triton_tile_configs(tile_config, monkeypatch):
+    # odd rows (s_q * h_q = 6) and lengths: every tile shape the bench sweep may pick gives the same result
+    q, kv, bt, lens, dv = _case(3, 2, 3, MICRO, 16, [1, 37, 70], torch.float32)
+    ref = mla_decode_reference(q, kv, bt, lens, dv, causal=True)
+    monkeypatch.setenv("LEANMOE_TRITON_INTERPRET", "1")
+    _assert_matches(*mla_decode(q, kv, bt, lens, dv, causal=True, tile_config=tile_config), *ref, torch.float32)
+    with pytest.raises(ValueError, match="tile_config"):
+        mla_decode(q, kv, bt, lens, dv, tile_config=(24, 16, 4, 2))
 
 
 @needs_triton

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -18,13 +17,9 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from tests.util import free_port
+
 TIMEOUT_S = 150
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:

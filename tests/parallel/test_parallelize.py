@@ -1,5 +1,5 @@
 """parallelize() and the full-state helpers at the model level (leanmoe/parallel/parallelize.py,
-leanmoe/parallel/checkpoint.py). Loss parity of whole training runs is in test_trainer.py."""
+leanmoe/parallel/full_state.py). Loss parity of whole training runs is in test_trainer.py."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _model() -> Transformer:
 def _parallel_worker(out_dir: str) -> None:
     import torch.distributed as dist
 
-    from leanmoe.parallel.checkpoint import expert_parallel_params, full_model_state_dict, load_full_model_state_dict
+    from leanmoe.parallel.full_state import expert_parallel_params, full_model_state_dict, load_full_model_state_dict
     from leanmoe.parallel.groups import ParallelDims
     from leanmoe.parallel.parallelize import parallelize
 
@@ -70,8 +70,8 @@ def _parallel_worker(out_dir: str) -> None:
     # each rank reading only the tensors (and expert rows) its shards need
     import torch.distributed as dist
 
-    from leanmoe.parallel.checkpoint import gather_full
-    from leanmoe.train.checkpoint import load_checkpoint, save_checkpoint
+    from leanmoe.parallel.full_state import gather_full
+    from leanmoe.train.run_checkpoint import load_checkpoint, save_checkpoint
     from leanmoe.train.optim import build_optimizer
 
     single = _model()
@@ -100,7 +100,7 @@ def _parallel_worker(out_dir: str) -> None:
 
     # the sharded model saves by streaming into many small files (rank 0 holds one shard at a
     # time); what it wrote is the single-process model, and resumes into a sharded one again
-    from leanmoe.train import checkpoint as ckpt_mod
+    from leanmoe.train import run_checkpoint as ckpt_mod
 
     ckpt_mod.SHARD_SIZE = "16KB"
     saved = save_checkpoint(f"{out_dir}/par", 2, sharded, sharded_opt, {"tokens": 0, "elapsed": 0.0})

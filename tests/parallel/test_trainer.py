@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import leanmoe
-from leanmoe.data.shards import TokenLoader
-from leanmoe.parallel.groups import ParallelConfig
+from leanmoe.data.loader import TokenLoader
+from leanmoe.parallel.config import ParallelConfig
 from leanmoe.train import TrainConfig, Trainer
 from tests.parallel.dist_util import spawn
 from tests.util import MICRO_TRAIN, write_corpus
@@ -132,7 +132,7 @@ def test_cli_nproc_matches_single_process_and_resumes_with_another_world_size(wo
     saved = leanmoe.from_pretrained(run)
     resumed = Trainer(TrainConfig(out=str(run), resume=True, max_steps=STEPS + 1, progress=False))
     resumed.setup()
-    assert resumed.world == 1 and resumed.start_state["step"] == STEPS
+    assert resumed.world.size == 1 and resumed.start_state["step"] == STEPS
     assert resumed.tc.batch_size == BATCH and resumed.tc.micro_batch_size == BATCH // 2
     for name, t in saved.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], t, rtol=0, atol=0)

@@ -11,9 +11,10 @@ import torch
 import leanmoe
 from leanmoe.data.sources import DataError
 from leanmoe.train import TrainConfig, Trainer, TrainingError
-from leanmoe.train import checkpoint as ckpt_mod
+from leanmoe.train import run_checkpoint as ckpt_mod
+from leanmoe.train import memory as memory_mod
 from leanmoe.train import trainer as trainer_mod
-from leanmoe.train.checkpoint import latest_checkpoint, list_checkpoints
+from leanmoe.train.run_checkpoint import latest_checkpoint, list_checkpoints
 from tests.util import MICRO_TRAIN, write_corpus
 
 MICRO = MICRO_TRAIN
@@ -169,12 +170,18 @@ def test_dense_model_trains_and_reports(tmp_path, corpus):
 def test_fp8_flag_trains_in_fp8(tmp_path, corpus):
     trainer = Trainer(_tc(tmp_path, corpus, fp8=True, max_steps=3))
     result = trainer.train()
-    from leanmoe.kernels.fp8_linear import Fp8Experts, Fp8Linear
+    from leanmoe.kernels.fp8_linear import Fp8Linear
+    from leanmoe.train.fp8 import Fp8Experts
 
     assert isinstance(trainer.model.model.layers[0].self_attn.o_proj, Fp8Linear)
     assert isinstance(trainer.model.model.layers[1].mlp.experts, Fp8Experts)
     assert result.steps == 3 and math.isfinite(result.final_loss)
-    assert json.loads((Path(result.run_dir) / "checkpoints" / "latest" / "config.json").read_text())["fp8"] is True
+    # FP8 is how the run trained, not part of the architecture: the trainer state records it, the
+    # model config does not, and the checkpoint loads (and serves) as a plain model
+    ckpt = Path(result.run_dir) / "checkpoints" / "latest"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["train_config"]["fp8"] is True
+    assert "fp8" not in json.loads((ckpt / "config.json").read_text())
+    assert type(leanmoe.from_pretrained(result.run_dir).model.layers[0].self_attn.o_proj) is torch.nn.Linear
 
 
 def test_time_budget(tmp_path, corpus):
@@ -231,9 +238,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
 def test_default_micro_batch_shrinks_to_free_memory(tmp_path, corpus, monkeypatch):
     # free memory for a micro-batch of 2 but not of 8: the default shrinks, the batch stays 8
     cfg = leanmoe.ModelConfig.from_pretrained(tmp_path / "micro.json")
-    room = trainer_mod.estimate_step_memory(cfg, 2, 32) / 0.9 + 1
-    assert trainer_mod.estimate_step_memory(cfg, 4, 32) > 0.9 * room
-    monkeypatch.setattr(trainer_mod, "_available_memory", lambda device: int(room))
+    room = memory_mod.estimate_step_memory(cfg, 2, 32) / 0.9 + 1
+    assert memory_mod.estimate_step_memory(cfg, 4, 32) > 0.9 * room
+    monkeypatch.setattr(trainer_mod, "available_memory", lambda device: int(room))
     t = Trainer(_tc(tmp_path, corpus, max_steps=1))
     t.train()
     assert (t.tc.batch_size, t.tc.micro_batch_size) == (8, 2)

@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 from leanmoe.config import ModelConfig
 from leanmoe.model.transformer import Transformer
 
-__all__ = ["save_pretrained", "from_pretrained", "resolve_checkpoint", "hf_state_dict", "hf_tensors",
-           "load_hf_state_dict", "dequantize_fp8_blocks", "CheckpointReader", "ShardWriter", "write_hf_folder"]
+__all__ = ["save_pretrained", "from_pretrained", "resolve_checkpoint", "read_latest_pointer", "hf_state_dict",
+           "hf_tensors", "load_hf_state_dict", "dequantize_fp8_blocks", "CheckpointReader", "ShardWriter", "write_hf_folder"]
 
 _EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -333,6 +333,18 @@ def _natural_key(name: str) -> list:
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
 
 
+def read_latest_pointer(run_dir: str | os.PathLike) -> Path | None:
+    """The folder RUN/checkpoints/latest names: a symlink (or a folder) where symlinks work, else a
+    plain file holding the step folder's name. None when there is no pointer. The one reader of
+    the pointer leanmoe.train.run_checkpoint writes."""
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    if latest.is_symlink() or latest.is_dir():
+        return latest.resolve()
+    if latest.is_file():
+        return latest.parent / latest.read_text().strip()
+    return None
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The HF-layout folder behind `path`: the folder itself when it holds a config.json, or the
     latest checkpoint of a training run folder (`path/checkpoints/latest`, a symlink or a file
@@ -341,11 +353,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (p / "config.json").is_file():
         return p
     latest = p / "checkpoints" / "latest"
-    if latest.is_symlink() or latest.is_dir():
-        target = latest.resolve()
-    elif latest.is_file():
-        target = latest.parent / latest.read_text().strip()
-    else:
+    target = read_latest_pointer(p)
+    if target is None:
         if not p.exists():
             raise FileNotFoundError(f"checkpoint folder {p} does not exist")
         raise FileNotFoundError(f"{p} is neither an HF-layout checkpoint (no config.json) nor a training run "

@@ -1,4 +1,4 @@
-"""The expert-parallel traffic model (leanmoe/parallel/scale_model.py) against DeepEP's published
+"""The expert-parallel traffic model (leanmoe/train/scale_model.py) against DeepEP's published
 H800 figures and against closed-form routing statistics."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 
 from leanmoe.config import ModelConfig
-from leanmoe.parallel.scale_model import (DEEPEP_H800, Cluster, deepep_check, main, routing_stats,
+from leanmoe.train.scale_model import (DEEPEP_H800, Cluster, deepep_check, main, routing_stats,
                                           step_estimate)
 
 

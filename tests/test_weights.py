@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import leanmoe
 from leanmoe import Transformer
-from leanmoe.checkpoint import dequantize_fp8_blocks, hf_state_dict
+from leanmoe.weights import dequantize_fp8_blocks, hf_state_dict
 from tests.util import micro_config
 
 transformers = pytest.importorskip("transformers")
@@ -110,6 +110,23 @@ def test_tied_embeddings_round_trip(tmp_path):
     torch.testing.assert_close(again(ids), model(ids))
 
 
+def test_fp8_trained_checkpoint_loads_as_a_plain_model(tmp_path):
+    # config.json files written while ModelConfig had an `fp8` field say "fp8": true; FP8 is now
+    # applied by the trainer (leanmoe.train.fp8), so the key is ignored and the model is plain
+    cfg = micro_config()
+    model = Transformer(cfg)
+    leanmoe.save_pretrained(model, tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**d, "fp8": True}))
+    assert leanmoe.ModelConfig.from_pretrained(tmp_path) == cfg
+    again = leanmoe.from_pretrained(tmp_path)
+    linears = [m for m in again.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is torch.nn.Linear for m in linears)
+    assert all(type(m.experts).__name__ == "Experts" for m in again.moe_layers())
+    ids = _ids(cfg)
+    torch.testing.assert_close(again(ids), model(ids))
+
+
 def test_loads_transformers_v5_fused_experts(tmp_path):
     cfg = micro_config()
     model = Transformer(cfg)
@@ -199,7 +216,7 @@ def test_bf16_load_keeps_router_fp32(tmp_path):
 
 
 def test_checkpoint_reader_reads_one_tensor_from_shards_and_dequantises(tmp_path):
-    from leanmoe.checkpoint import CheckpointReader
+    from leanmoe.weights import CheckpointReader
 
     model = Transformer(micro_config())
     leanmoe.save_pretrained(model, tmp_path / "sharded", max_shard_size="20KB")

@@ -17,7 +17,7 @@ moment leaves either the previous checkpoint set or the new one, never a half-wr
 Nothing is unpickled: tensors are safetensors, the rest JSON.
 
 A distributed run (a model transformed by leanmoe.parallel.parallelize) saves the same folder:
-every rank takes part in gathering full tensors one at a time (leanmoe.parallel.checkpoint) and
+every rank takes part in gathering full tensors one at a time (leanmoe.parallel.full_state) and
 rank 0 streams them into shard files, holding at most one shard. On load every rank reads, one
 tensor at a time, what its own slices need, so a run saved with N ranks resumes with any M (the
 run folder must be on a filesystem every node sees).
@@ -38,8 +38,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from leanmoe.checkpoint import (ShardWriter, iter_checkpoint_tensors, load_hf_state_dict, save_pretrained,
-                                write_hf_folder)
+from leanmoe.weights import (ShardWriter, iter_checkpoint_tensors, load_hf_state_dict, read_latest_pointer,
+                             save_pretrained, write_hf_folder)
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "rng_state",
            "restore_rng"]
@@ -60,13 +60,7 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The checkpoint `latest` points at, else the newest complete one, else None."""
-    latest = Path(run_dir) / "checkpoints" / "latest"
-    if latest.is_symlink() or latest.is_dir():
-        target = latest.resolve()
-    elif latest.is_file():
-        target = latest.parent / latest.read_text().strip()
-    else:
-        target = None
+    target = read_latest_pointer(run_dir)
     if target is not None and (target / "trainer_state.json").is_file():
         return target
     found = list_checkpoints(run_dir)
@@ -164,7 +158,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, sta
                     tokenizer=None, keep_last: int = 3) -> Path:
     """Write RUN/checkpoints/step-N atomically, point `latest` at it, keep the last `keep_last`.
     For a parallelized model, call it on every rank (rank 0 writes)."""
-    from leanmoe.parallel.checkpoint import is_parallel
+    from leanmoe.parallel.full_state import is_parallel
 
     if is_parallel(model):
         return _save_parallel(run_dir, step, model, optimizer, state, tokenizer, keep_last)
@@ -198,8 +192,8 @@ def _save_parallel(run_dir, step, model, optimizer, state, tokenizer, keep_last)
     and one tensor. Then tell every rank how it went."""
     import torch.distributed as dist
 
-    from leanmoe.checkpoint import hf_tensors
-    from leanmoe.parallel.checkpoint import expert_parallel_params, gather_full, reshard
+    from leanmoe.weights import hf_tensors
+    from leanmoe.parallel.full_state import expert_parallel_params, gather_full, reshard
 
     reshard(model)
     cfg = model.config
@@ -281,7 +275,7 @@ def _write_checkpoint(run_dir, step: int, write_weights, write_optimizer, state:
 def load_checkpoint(ckpt: str | os.PathLike, model, optimizer=None) -> dict[str, Any]:
     """Restore model weights (in place), optimizer moments and RNG from a checkpoint folder;
     returns the trainer state dict (step, tokens, loader position, ...)."""
-    from leanmoe.parallel.checkpoint import is_parallel
+    from leanmoe.parallel.full_state import is_parallel
 
     ckpt = Path(ckpt)
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -301,8 +295,8 @@ def _load_parallel(ckpt: Path, state: dict[str, Any], model, optimizer) -> dict[
     """Every rank reads, one tensor at a time, what its own shards need (its experts' rows, and
     each other tensor whole before keeping its slice) and nothing else; no communication. Host
     memory holds at most one full tensor per rank beyond the shards."""
-    from leanmoe.checkpoint import CheckpointReader
-    from leanmoe.parallel.checkpoint import expert_parallel_params, local_shard, reshard
+    from leanmoe.weights import CheckpointReader
+    from leanmoe.parallel.full_state import expert_parallel_params, local_shard, reshard
 
     reshard(model)
     cfg = model.config

@@ -1,8 +1,8 @@
 """A model of expert-parallel traffic at scale: bytes and seconds of dispatch/combine per training
 step for a config on a cluster shape, checked against DeepEP's published H800 figures.
 
-    python -m leanmoe.parallel.scale_model --preset deepseek-v3 --ep 64 --tokens-per-rank 4096
-    python -m leanmoe.parallel.scale_model --deepep-check
+    python -m leanmoe.train.scale_model --preset deepseek-v3 --ep 64 --tokens-per-rank 4096
+    python -m leanmoe.train.scale_model --deepep-check
 
 Assumptions (each is a parameter or stated here):
 - Balanced routing: each token's experts come from the config's own Router (group-limited top-k
@@ -182,7 +182,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m leanmoe.parallel.scale_model", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m leanmoe.train.scale_model", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default="deepseek-v3")
     src.add_argument("--config", help="an HF config.json (or a folder holding one)")

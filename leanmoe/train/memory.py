@@ -1,0 +1,57 @@
+"""How much memory a training step needs, how much the device has, and the largest micro-batch
+that fits: the memory side of what a run costs (leanmoe.train.cost is the time and money side).
+
+The estimate is deliberately generous, so a default that passes it does not run out of memory;
+it was calibrated against the peak GPU memory the training report records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from leanmoe.config import ModelConfig
+
+__all__ = ["estimate_step_memory", "available_memory", "largest_fitting_micro_batch"]
+
+HEADROOM = 0.9  # plan for at most this share of the free memory
+
+
+def estimate_step_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, act_bytes: int = 4,
+                         world_size: int = 1) -> int:
+    """Peak bytes for one micro-batch: weights, gradients and two AdamW moments in fp32 (sharded
+    over `world_size` ranks), plus the activations autograd keeps per token and layer (attention
+    projections and expanded heads, routed copies of each token, the vocabulary logits)."""
+    n = cfg.num_params()
+    params = n.total + n.mtp
+    d, h, f = cfg.hidden_size, cfg.num_attention_heads, cfg.moe_intermediate_size
+    k = cfg.num_experts_per_tok
+    per_layer = (6 * d + 4 * h * cfg.qk_head_dim + 2 * h * cfg.v_head_dim + 3 * cfg.latent_dim
+                 + max(3 * cfg.intermediate_size, k * (3 * d + 4 * f) + 4 * f * cfg.n_shared_experts))
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    per_token = layers * per_layer + 4 * cfg.vocab_size * (1 + cfg.num_nextn_predict_layers)
+    return int(16 * params / world_size + 1.5 * micro_batch * seq_len * per_token * act_bytes)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for this run on the device: the GPU's free memory, or MemAvailable of the host
+    (None when unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def largest_fitting_micro_batch(cfg: ModelConfig, per_rank_batch: int, below: int, seq_len: int, free: int,
+                                world_size: int = 1) -> int | None:
+    """The largest micro-batch smaller than `below` that divides `per_rank_batch` and fits in
+    HEADROOM x `free` bytes (None if none does)."""
+    fits = [d for d in range(1, below) if per_rank_batch % d == 0
+            and estimate_step_memory(cfg, d, seq_len, world_size=world_size) <= HEADROOM * free]
+    return max(fits) if fits else None
