@@ -10,14 +10,56 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelConfig", "ParamCounts", "PRESETS"]
+__all__ = ["ModelConfig", "ParamCounts", "PRESETS", "ConfigError"]
 
 _SCORING_FUNCS = ("sigmoid", "softmax")
 _ROPE_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+# Sanity bounds, far above any published model (DeepSeek-V3: hidden 7168, 61 layers, 256 experts,
+# vocab 129280, 163840 positions) and low enough that a mistyped size ("hidden_size": 1e12) is
+# refused before anything is allocated. _MAX_PARAMS bounds the sizes' product (Kimi K2: ~1.04T).
+_LIMITS = {"vocab_size": 2**24, "hidden_size": 2**17, "intermediate_size": 2**20, "num_hidden_layers": 2**12,
+           "num_attention_heads": 2**12, "q_lora_rank": 2**17, "kv_lora_rank": 2**17, "qk_nope_head_dim": 2**12,
+           "qk_rope_head_dim": 2**12, "v_head_dim": 2**12, "max_position_embeddings": 2**24,
+           "moe_intermediate_size": 2**20, "n_shared_experts": 2**10, "n_routed_experts": 2**16,
+           "num_experts_per_tok": 2**16, "first_k_dense_replace": 2**13, "n_group": 2**16, "topk_group": 2**16,
+           "num_nextn_predict_layers": 2**6}
+_MAX_PARAMS = 10**13
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a model. One line: where it came from (`source`: a config.json
+    path, or "ModelConfig"), then what is wrong; `field` names the offending field (None when
+    several are to blame together)."""
+
+    def __init__(self, detail: str, field: str | None = None, source: str = "ModelConfig"):
+        super().__init__(f"{source}: {detail}")
+        self.detail, self.field, self.source = detail, field, source
+
+    def at(self, source: str | Path) -> ConfigError:
+        """The same error, said of `source` (e.g. the config.json it was read from)."""
+        return ConfigError(self.detail, self.field, str(source))
+
+
+def _field_kinds() -> dict[str, tuple[type, bool]]:
+    """field name -> (base type, accepts None), from ModelConfig's annotations."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(ModelConfig).items():
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        base = next(a for a in args if a is not type(None))
+        kinds[name] = (typing.get_origin(base) or base, type(None) in args)
+    return kinds
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -96,53 +138,113 @@ class ModelConfig:
     # built model. An older config.json's "fp8" key is ignored like any unknown key (a plain model).
 
     def __post_init__(self) -> None:
-        if self.rope_scaling is not None:
+        if isinstance(self.rope_scaling, dict):
             self.rope_scaling = dict(self.rope_scaling)
         self.validate()
 
     # ------------------------------------------------------------------ checks
+    def _check_types(self) -> None:
+        """Each field against its annotation. An integral float (7168.0, 1e3) becomes an int and an int
+        a float where a float is due; bools, strings, lists and non-finite numbers are refused."""
+        global _KINDS
+        if _KINDS is None:
+            _KINDS = _field_kinds()
+        for name, (base, nullable) in _KINDS.items():
+            v = getattr(self, name)
+            if v is None:
+                if not nullable:
+                    raise ConfigError(f"{name} must not be null", name)
+                continue
+            if base is bool:
+                ok = isinstance(v, bool)
+                want = "true or false"
+            elif base is int:
+                if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+                    v = int(v)
+                    setattr(self, name, v)
+                ok = isinstance(v, int) and not isinstance(v, bool)
+                want = "an integer"
+            elif base is float:
+                ok = _is_number(v) and math.isfinite(v)
+                if ok:
+                    setattr(self, name, float(v))
+                want = "a finite number"
+            else:
+                ok, want = isinstance(v, base), {str: "a string", dict: "an object"}.get(base, base.__name__)
+            if not ok:
+                raise ConfigError(f"{name} must be {want}{' or null' if nullable else ''}, got {v!r}", name)
+
     def validate(self) -> None:
-        """Raise ValueError naming the field when the config cannot describe a model."""
+        """Raise ConfigError (a ValueError) naming the field when the config cannot describe a model:
+        a value of the wrong type, a size out of range, sizes that do not fit together, or sizes
+        whose product is beyond any machine (checked before anything is allocated)."""
 
-        def need(cond: bool, msg: str) -> None:
+        def need(cond: bool, msg: str, field: str | None) -> None:
             if not cond:
-                raise ValueError(f"ModelConfig: {msg}")
+                raise ConfigError(msg, field)
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+        self._check_types()
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "max_position_embeddings"):
-            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}", name)
+        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}", name)
+        for name, limit in _LIMITS.items():
+            v = getattr(self, name)
+            need(v is None or v <= limit, f"{name}={v} is beyond any real model (leanmoe accepts up to {limit:,})",
+                 name)
         need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
-             f"qk_rope_head_dim must be a positive even number, got {self.qk_rope_head_dim}")
-        need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank must be positive or None")
+             f"qk_rope_head_dim must be a positive even number, got {self.qk_rope_head_dim}", "qk_rope_head_dim")
+        need(self.q_lora_rank is None or self.q_lora_rank > 0,
+             f"q_lora_rank must be positive or null, got {self.q_lora_rank}", "q_lora_rank")
+        for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}", name)
+        for name in ("initializer_range", "bias_update_speed", "aux_loss_alpha", "mtp_loss_weight"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}", name)
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            need(v is None or 0 <= v < self.vocab_size,
+                 f"{name}={v} is not a token id of a {self.vocab_size}-token vocabulary", name)
         need(self.scoring_func in _SCORING_FUNCS,
-             f"scoring_func must be one of {_SCORING_FUNCS}, got {self.scoring_func!r}")
-        need(self.hidden_act == "silu", f"only hidden_act='silu' is supported, got {self.hidden_act!r}")
-        need(0 <= self.first_k_dense_replace, "first_k_dense_replace must be >= 0")
-        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+             f"scoring_func must be one of {_SCORING_FUNCS}, got {self.scoring_func!r}", "scoring_func")
+        need(self.hidden_act == "silu", f"only hidden_act='silu' is supported, got {self.hidden_act!r}", "hidden_act")
         if self.has_moe:
-            need(self.n_routed_experts > 0, "n_routed_experts must be positive")
-            need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive")
+            need(self.n_routed_experts > 0, f"n_routed_experts must be positive, got {self.n_routed_experts}",
+                 "n_routed_experts")
+            need(self.moe_intermediate_size > 0,
+                 f"moe_intermediate_size must be positive, got {self.moe_intermediate_size}", "moe_intermediate_size")
             need(1 <= self.num_experts_per_tok <= self.n_routed_experts,
                  f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, n_routed_experts="
-                 f"{self.n_routed_experts}]")
+                 f"{self.n_routed_experts}]", "num_experts_per_tok")
             need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
-                 f"n_routed_experts={self.n_routed_experts} must be divisible by n_group={self.n_group}")
+                 f"n_routed_experts={self.n_routed_experts} must be divisible by n_group={self.n_group}", "n_group")
             need(1 <= self.topk_group <= self.n_group,
-                 f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+                 f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]", "topk_group")
             per_group = self.n_routed_experts // self.n_group
             need(self.num_experts_per_tok <= self.topk_group * per_group,
                  f"num_experts_per_tok={self.num_experts_per_tok} exceeds the experts in the "
-                 f"{self.topk_group} selected groups ({self.topk_group * per_group})")
+                 f"{self.topk_group} selected groups ({self.topk_group * per_group})", "num_experts_per_tok")
             need(self.n_group == 1 or self.scoring_func != "sigmoid" or per_group >= 2,
                  "sigmoid routing with groups scores each group by its top-2 experts: "
-                 "n_routed_experts / n_group must be >= 2")
+                 "n_routed_experts / n_group must be >= 2", "n_group")
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            rs = self.rope_scaling
+            kind = rs.get("type", rs.get("rope_type"))
             need(kind in ("yarn", "default", None),
-                 f"rope_scaling type {kind!r} is not supported (only 'yarn')")
+                 f"rope_scaling type {kind!r} is not supported (only 'yarn')", "rope_scaling")
             if kind == "yarn":
-                need("factor" in self.rope_scaling and "original_max_position_embeddings" in self.rope_scaling,
-                     "yarn rope_scaling needs 'factor' and 'original_max_position_embeddings'")
+                need("factor" in rs and "original_max_position_embeddings" in rs,
+                     "yarn rope_scaling needs 'factor' and 'original_max_position_embeddings'", "rope_scaling")
+            for key in _ROPE_KEYS:
+                if key in rs:
+                    v = rs[key]
+                    need(_is_number(v) and math.isfinite(v) and v > 0,
+                         f"rope_scaling.{key} must be a positive number, got {v!r}", "rope_scaling")
+        n = self.num_params()
+        need(n.total + n.mtp <= _MAX_PARAMS,
+             f"these sizes make a model of {_fmt(n.total + n.mtp)} parameters ({_fmt(2 * (n.total + n.mtp))}B in "
+             f"bf16), beyond the {_fmt(_MAX_PARAMS)} leanmoe accepts; check hidden_size, num_hidden_layers, "
+             "n_routed_experts, moe_intermediate_size, intermediate_size and vocab_size", None)
 
     # ------------------------------------------------------------------ derived shapes
     @property
@@ -249,6 +351,9 @@ class ModelConfig:
         Keys this class does not know (architectures, torch_dtype, quantization_config, ...) are
         ignored. transformers v5's `rope_parameters` and `num_mtp_layers` are mapped back.
         """
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object of fields, got {type(d).__name__} "
+                              f"{json.dumps(d)[:40]}")
         d = dict(d)
         rp = d.pop("rope_parameters", None)
         if isinstance(rp, dict) and rp:
@@ -263,7 +368,7 @@ class ModelConfig:
         if isinstance(rs, dict):
             kind = rs.get("type", rs.get("rope_type"))
             d["rope_scaling"] = None if kind in (None, "default") else {"type": kind, **{k: rs[k] for k in _ROPE_KEYS if k in rs}}
-        if isinstance(d.get("eos_token_id"), list):
+        if isinstance(d.get("eos_token_id"), list):  # generation configs list several; the first is eos
             d["eos_token_id"] = d["eos_token_id"][0] if d["eos_token_id"] else None
         for k in ("n_group", "topk_group"):  # null in a config means no group-limited routing
             if k in d and d[k] is None:
@@ -274,17 +379,23 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
-        """Read `config.json` from a checkpoint folder (or the file itself)."""
+        """Read `config.json` from a checkpoint folder (or the file itself). Raises ConfigError (a
+        ValueError) whose one line names the file and the field."""
         p = Path(path)
         if p.is_dir():
             p = p / "config.json"
         if not p.is_file():
             raise FileNotFoundError(f"no config.json at {p}: point at an HF-layout checkpoint folder")
         try:
-            d = json.loads(p.read_text())
+            d = json.loads(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"not UTF-8 text (byte {e.start}); is it a config.json?", None, str(p)) from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p} is not valid JSON: {e}") from e
-        return cls.from_dict(d)
+            raise ConfigError(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", None, str(p)) from None
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise e.at(p) from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain field dict (round-trips through `ModelConfig(**d)`)."""
@@ -308,6 +419,9 @@ class ModelConfig:
             attention_bias=False,
             attention_dropout=0.0,
             moe_layer_freq=1,
+            ep_size=1,  # DeepSeek's remote code reads it
+            pretraining_tp=1,
+            pad_token_id=None,  # SGLang reads it unconditionally
             use_cache=True,
         )
         return d
@@ -330,6 +444,9 @@ class ModelConfig:
             f"params: {_fmt(n.total)} total, {_fmt(n.activated)} activated, {_fmt(n.embedding)} embedding, "
             f"{_fmt(n.mtp)} MTP"
         )
+
+
+_KINDS: dict[str, tuple[type, bool]] | None = None  # filled on first use (the annotations are strings)
 
 
 def _fmt(n: float) -> str:

@@ -6,9 +6,16 @@ Written: `config.json`, `model.safetensors` (or `model-0000i-of-0000n.safetensor
 `model.layers.{num_hidden_layers + k - 1}` with copies of the shared embedding and head, as
 DeepSeek's release does, so vLLM and SGLang find them.
 
+The head is written even when tied to the embedding: vLLM and SGLang build `lm_head` whatever
+`tie_word_embeddings` says and read its weight. `generation_config.json` carries bos/eos ids.
+
 Read, besides that: transformers v5's fused experts (`mlp.experts.gate_up_proj` [E, 2F, D],
 `mlp.experts.down_proj` [E, D, F]) and FP8 checkpoints whose e4m3 weights carry
 `weight_scale_inv` (one scale per 128x128 block, dequantised on load).
+
+A damaged file (truncated, corrupt header, an index or config that is not what it claims) raises
+CheckpointError (a ValueError) in one line naming the file and what is wrong. Files are fsync'ed
+before the rename that publishes them, so a crash leaves the old file or the new one.
 """
 
 from __future__ import annotations
@@ -23,14 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from leanmoe.config import ModelConfig
 from leanmoe.model.transformer import Transformer
 
 __all__ = ["save_pretrained", "from_pretrained", "resolve_checkpoint", "read_latest_pointer", "hf_state_dict",
-           "hf_tensors", "load_hf_state_dict", "dequantize_fp8_blocks", "CheckpointReader", "ShardWriter", "write_hf_folder"]
+           "hf_tensors", "load_hf_state_dict", "dequantize_fp8_blocks", "CheckpointReader", "ShardWriter",
+           "write_hf_folder", "CheckpointError", "verify_weights", "open_safetensors", "load_safetensors",
+           "read_json", "generation_config", "write_generation_config", "fsync_file", "fsync_dir", "fsync_tree"]
 
 _EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -38,14 +47,109 @@ _MTP_SHARED_RE = re.compile(r"^model\.layers\.(\d+)\.(embed_tokens\.weight|share
 _FP32_KEYS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # router stays fp32 (as in HF)
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+GENERATION_CONFIG = "generation_config.json"
+
+
+# ---------------------------------------------------------------------------- damaged files
+class CheckpointError(ValueError):
+    """A checkpoint file is damaged or does not match its config. The message is one line that
+    names the file and what is wrong."""
+
+
+_SAFETENSORS_REASONS = {  # safetensors' terse reasons, said for a user
+    "header too small": "too short to hold a safetensors header (empty or truncated)",
+    "header too large": "its header length is impossibly large (corrupt, or not a safetensors file)",
+    "invalid header length": "its header length runs past the end of the file (truncated or corrupt)",
+    "file not fully covered": "its size does not match the tensors its header lists (truncated, or bytes appended)",
+    "invalid JSON in header": "its header is not valid JSON (corrupt, or not a safetensors file)",
+}
+
+
+def _safetensors_error(path: Path | str, e: BaseException) -> CheckpointError:
+    msg = str(e).removeprefix("Error while deserializing header: ")
+    reason = next((r for key, r in _SAFETENSORS_REASONS.items() if key in msg), msg)
+    return CheckpointError(f"{path}: damaged safetensors file: {reason}")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike) -> Iterator[Any]:
+    """safe_open(path) whose damage (truncated file, corrupt header) is a one-line CheckpointError."""
+    try:
+        fh = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise _safetensors_error(path, e) from None
+    with fh:
+        yield fh
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """safetensors.torch.load_file, damage raised as CheckpointError."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise _safetensors_error(path, e) from None
+
+
+def read_json(path: Path, kind: type = dict) -> Any:
+    """A JSON file of the given top-level kind; CheckpointError naming the file otherwise."""
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}); the file is damaged") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                              "the file is damaged or truncated") from None
+    if not isinstance(obj, kind):
+        raise CheckpointError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
+                              f"got {type(obj).__name__}")
+    return obj
+
+
+# ---------------------------------------------------------------------------- durable writes
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename, a new file) to the disk. A no-op where folders cannot be
+    opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file under `folder`, then its subfolders (deepest first), then `folder`: what a
+    rename of `folder` publishes is then on the disk."""
+    folder = Path(folder)
+    subdirs = []
+    for root, dirs, files in os.walk(folder):
+        for name in sorted(files):
+            fsync_file(Path(root) / name)
+        subdirs += [Path(root) / d for d in dirs]
+    for d in sorted(subdirs, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(d)
+    fsync_dir(folder)
 
 
 # ---------------------------------------------------------------------------- naming
 def hf_tensors(cfg: ModelConfig, name: str, t: torch.Tensor, dtype: torch.dtype | None = None
                ) -> Iterator[tuple[str, torch.Tensor]]:
     """The HF DeepseekV3 tensors behind one leanmoe state-dict entry (full, single-device shape):
-    stacked experts split one by one, the embedding and head also copied to each MTP module,
-    the tied head and the load counters left out. Detached CPU copies that own their memory
+    stacked experts split one by one, the embedding and head also copied to each MTP module
+    (the head written even when tied), the load counters left out. Detached CPU copies that own their memory
     (safetensors refuses tensors sharing storage), cast to `dtype` except the fp32 router."""
 
     def put(hf_name: str, x: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -63,8 +167,7 @@ def hf_tensors(cfg: ModelConfig, name: str, t: torch.Tensor, dtype: torch.dtype 
             yield put(f"model.layers.{j}.embed_tokens.weight", t)
         return
     if name == "lm_head.weight":
-        if not cfg.tie_word_embeddings:
-            yield put(name, t)
+        yield put(name, t)  # also when tied: vLLM and SGLang read lm_head.weight whatever the config says
         for j in mtp:
             yield put(f"model.layers.{j}.shared_head.head.weight", t)
         return
@@ -94,18 +197,26 @@ def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: int =
     return w.float() * s
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f and "/" not in f and "\\" not in f
+                                                   for f in weight_map.values()):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names in the folder")
+    return weight_map
+
+
 def _checkpoint_files(path: Path) -> list[Path]:
     index = path / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({path / f for f in weight_map.values()})
+        files = sorted({path / f for f in _weight_map(index).values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"{index} names shard files that do not exist: {missing}")
         return files
     if (path / SINGLE_NAME).is_file():
         return [path / SINGLE_NAME]
-    files = sorted(path.glob("*.safetensors"))
+    # old training checkpoints kept optimizer and RNG state next to the weights
+    files = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith(("optimizer", "rng.")))
     if not files:
         raise FileNotFoundError(f"no safetensors weights in {path} (expected {SINGLE_NAME} or {INDEX_NAME})")
     return files
@@ -114,7 +225,7 @@ def _checkpoint_files(path: Path) -> list[Path]:
 def _has_layer(path: Path, layer: int) -> bool:
     prefix = f"model.layers.{layer}."
     for f in _checkpoint_files(path):
-        with safe_open(str(f), framework="pt") as fh:
+        with open_safetensors(f) as fh:
             if any(k.startswith(prefix) for k in fh.keys()):
                 return True
     return False
@@ -123,9 +234,35 @@ def _has_layer(path: Path, layer: int) -> bool:
 def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of a checkpoint folder, shard by shard."""
     for f in _checkpoint_files(path):
-        with safe_open(str(f), framework="pt") as fh:
+        with open_safetensors(f) as fh:
             for name in fh.keys():
-                yield name, fh.get_tensor(name)
+                try:
+                    t = fh.get_tensor(name)
+                except (SafetensorError, OSError) as e:
+                    raise _safetensors_error(f, e) from None
+                yield name, t
+
+
+def _header_shapes(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, meta tensor of the stored shape) for every tensor of a checkpoint folder: its
+    headers read and checked, no data."""
+    for f in _checkpoint_files(path):
+        with open_safetensors(f) as fh:
+            for name in fh.keys():
+                yield name, torch.empty(fh.get_slice(name).get_shape(), device="meta")
+
+
+def verify_weights(path: str | os.PathLike, cfg: ModelConfig) -> None:
+    """Check a checkpoint folder's weights without reading them: every file's header is sound and
+    covers the file, the index names files that exist, and the names and shapes are the ones
+    `cfg` needs. Raises CheckpointError / FileNotFoundError naming the file."""
+    path = Path(path)
+    if cfg.num_nextn_predict_layers and not _has_layer(path, cfg.num_hidden_layers):
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("tokens_per_expert")}
+    load_hf_state_dict(cfg, _header_shapes(path), expected, source=path)
 
 
 class CheckpointReader:
@@ -137,7 +274,7 @@ class CheckpointReader:
         self.path = Path(path)
         self._where: dict[str, Path] = {}
         for f in _checkpoint_files(self.path):
-            with safe_open(str(f), framework="pt") as fh:
+            with open_safetensors(f) as fh:
                 for name in fh.keys():
                     self._where[name] = f
         self._stack = contextlib.ExitStack()
@@ -154,7 +291,7 @@ class CheckpointReader:
             raise KeyError(f"{self.path} has no tensor {name}")
         f = self._where[name]
         if f not in self._open:
-            self._open[f] = self._stack.enter_context(safe_open(str(f), framework="pt"))
+            self._open[f] = self._stack.enter_context(open_safetensors(f))
         return self._open[f]
 
     def get(self, name: str) -> torch.Tensor:
@@ -165,11 +302,12 @@ class CheckpointReader:
 
 
 def load_hf_state_dict(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]] | dict[str, torch.Tensor],
-                       expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+                       expected: dict[str, torch.Size], source: str | os.PathLike | None = None
+                       ) -> dict[str, torch.Tensor]:
     """Map HF-named tensors onto leanmoe parameter names, checking every name and shape.
 
-    expected: leanmoe name -> shape. Raises ValueError listing missing, unexpected and mis-shaped
-    tensors (with both shapes)."""
+    expected: leanmoe name -> shape. Raises CheckpointError (a ValueError), one line naming
+    `source`, listing missing, unexpected and mis-shaped tensors (with both shapes)."""
     items = tensors.items() if isinstance(tensors, dict) else tensors
     raw: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
@@ -183,7 +321,12 @@ def load_hf_state_dict(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tens
         if name not in raw:
             errors.append(f"{name}_scale_inv has no matching weight {name}")
             continue
-        raw[name] = dequantize_fp8_blocks(raw[name], s)
+        w = raw[name]
+        if w.dim() != 2 or s.dim() != 2 or tuple(s.shape) != (-(-w.shape[0] // 128), -(-w.shape[1] // 128)):
+            errors.append(f"{name}_scale_inv has shape {list(s.shape)}, which is not one scale per 128x128 block "
+                          f"of the weight's {list(w.shape)}")
+            continue
+        raw[name] = dequantize_fp8_blocks(w, s)
 
     state: dict[str, torch.Tensor] = {}
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
@@ -226,10 +369,13 @@ def load_hf_state_dict(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tens
             errors.append(f"missing tensor {name} (expected shape {list(shape)})")
         elif state[name].shape != shape:
             errors.append(f"tensor {name} has shape {list(state[name].shape)}, the config expects {list(shape)}")
+        elif not state[name].is_floating_point():
+            errors.append(f"tensor {name} is {str(state[name].dtype).removeprefix('torch.')}, not floating point")
     errors += [f"unexpected tensor {n} (shape {list(raw[n].shape)})" for n in unexpected]
     if errors:
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise ValueError("checkpoint does not match its config:\n  " + "\n  ".join(errors[:20]) + more)
+        more = f"; and {len(errors) - 12} more" if len(errors) > 12 else ""
+        where = f"{source}: " if source is not None else ""
+        raise CheckpointError(f"{where}the weights do not match config.json: " + "; ".join(errors[:12]) + more)
     return state
 
 
@@ -271,6 +417,7 @@ class ShardWriter:
     def _flush(self) -> None:
         tmp = self.folder / f".{self.stem}-part{len(self._parts):05d}.tmp"
         save_file(self._shard, str(tmp), metadata={"format": "pt"})
+        fsync_file(tmp)  # before the rename that publishes it
         self._parts.append((tmp, list(self._shard)))
         self._shard, self._size = {}, 0
 
@@ -291,10 +438,38 @@ class ShardWriter:
         return written
 
 
+def generation_config(cfg: ModelConfig, tokenizer=None) -> dict[str, Any]:
+    """`generation_config.json`: bos/eos (and pad) ids, from the tokenizer when there is one, else
+    from the config. A tokenizer with leanmoe's chat turn end (<|end|>) lists it as a second eos,
+    so servers that follow generation_config.json stop a chat answer there."""
+    out: dict[str, Any] = {"_from_model_config": tokenizer is None, "bos_token_id": cfg.bos_token_id,
+                           "eos_token_id": cfg.eos_token_id}
+    if tokenizer is not None:
+        ids = {}
+        for key, attr in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"), ("pad_token_id", "pad_id")):
+            try:
+                ids[key] = getattr(tokenizer, attr)
+            except (AttributeError, KeyError):
+                pass
+        out.update(ids)
+        try:
+            end = tokenizer.id_of("<|end|>")
+        except (AttributeError, KeyError):
+            end = None
+        if end is not None and out.get("eos_token_id") is not None and end != out["eos_token_id"]:
+            out["eos_token_id"] = [out["eos_token_id"], end]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def write_generation_config(folder: str | os.PathLike, cfg: ModelConfig, tokenizer=None) -> None:
+    _write_text(Path(folder) / GENERATION_CONFIG, json.dumps(generation_config(cfg, tokenizer), indent=2) + "\n")
+
+
 def write_hf_folder(path: str | os.PathLike, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
                     max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> Path:
-    """Write HF-named tensors (consumed one at a time) and config.json into folder `path`;
-    shard files of an earlier save there that this one does not rewrite are removed."""
+    """Write HF-named tensors (consumed one at a time), config.json and generation_config.json
+    into folder `path`; shard files of an earlier save there that this one does not rewrite are
+    removed. Each file is fsync'ed before its rename, the folder after."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(path, "model", max_shard_size, INDEX_NAME)
@@ -304,9 +479,11 @@ def write_hf_folder(path: str | os.PathLike, cfg: ModelConfig, tensors: Iterable
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = str(dtype or writer.first_dtype or torch.float32).removeprefix("torch.")
     _write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
+    write_generation_config(path, cfg)
     for stale in list(path.glob("model*.safetensors")) + [path / INDEX_NAME]:
         if stale.name not in written and stale.exists():
             stale.unlink()
+    fsync_dir(path)
     return path
 
 
@@ -314,9 +491,10 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
                     dtype: torch.dtype | None = None) -> Path:
     """Write `model` to folder `path` in the HF DeepseekV3 layout; returns the folder.
 
-    Each file is written under a temporary name and renamed into place, so an interrupted save
-    never leaves a truncated file under a real name; shard files of an earlier save in the same
-    folder that this save does not rewrite are removed afterwards.
+    Writes config.json, generation_config.json and the weights. Each file is written under a
+    temporary name, fsync'ed and renamed into place, so an interrupted save never leaves a
+    truncated file under a real name; shard files of an earlier save in the same folder that this
+    save does not rewrite are removed afterwards.
     """
     tensors = hf_state_dict(model, dtype)
     return write_hf_folder(path, model.config, ((n, tensors[n]) for n in sorted(tensors, key=_natural_key)),
@@ -325,7 +503,10 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
 
 def _write_text(p: Path, text: str) -> None:
     tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, p)
 
 
@@ -341,7 +522,13 @@ def read_latest_pointer(run_dir: str | os.PathLike) -> Path | None:
     if latest.is_symlink() or latest.is_dir():
         return latest.resolve()
     if latest.is_file():
-        return latest.parent / latest.read_text().strip()
+        try:
+            name = latest.read_bytes().decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{latest}: not a checkpoint pointer (it should name a step folder)") from None
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise CheckpointError(f"{latest}: not a checkpoint pointer (it should name a step folder, got {name[:40]!r})")
+        return latest.parent / name
     return None
 
 
@@ -383,7 +570,7 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("tokens_per_expert")}
-    state = load_hf_state_dict(cfg, iter_checkpoint_tensors(path), expected)
+    state = load_hf_state_dict(cfg, iter_checkpoint_tensors(path), expected, source=path)
     for name, t in state.items():
         target = torch.float32 if name.endswith(_FP32_KEYS) else dtype
         state[name] = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)

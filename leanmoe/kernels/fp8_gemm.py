@@ -6,13 +6,14 @@ Shape legend: M rows of a (tokens), N rows of b (out features), K the reduction 
     fp8_gemm_nt((a [M, K], sa [M, Kb]), (b [N, K], sb [Nb, Kb] or [N, Kb]))    -> d [M, N]
     m_grouped_fp8_gemm_nt_contiguous((a [M, K], sa), (b [G, N, K], sb [G, Nb, Kb]), m_indices [M])
         d[m] = a[m] @ b[m_indices[m]]^T; rows with m_indices = -1 are skipped (written as 0).
-        Each group's rows are contiguous and start at a multiple of 128
-        (`get_m_alignment_for_contiguous_layout()`): the MoE training / prefill layout.
+        The MoE training / prefill layout: each group's rows contiguous, starting at a multiple
+        of 128 (`get_m_alignment_for_contiguous_layout()`, built by `contiguous_layout`).
     m_grouped_fp8_gemm_nt_masked((a [G, M, K], sa [G, M, Kb]), (b [G, N, K], sb), masked_m [G])
         d[g, :masked_m[g]] = a[g, :masked_m[g]] @ b[g]^T; later rows are 0. The decode layout.
     k_grouped_fp8_gemm_nt_contiguous((a [M, T], sa [M, Tb]), (b [N, T], sb [N, Tb]), k_ends [G])
-        d[g] = a[:, k_lo:k_hi] @ b[:, k_lo:k_hi]^T with k_hi = k_ends[g]: the expert weight
-        gradient, tokens being the reduction axis; groups start at multiples of 128.
+        d[g] = a[:, k_lo:k_hi] @ b[:, k_lo:k_hi]^T with k_lo = k_ends[g-1] (0 for g = 0),
+        k_hi = k_ends[g] (inclusive cumulative ends, not sizes): the expert weight gradient,
+        tokens being the reduction axis.
     m_grouped_bf16_gemm_nt_contiguous(a [M, K], b [G, N, K], m_indices)   (no scales, any GPU)
 
 The math (DeepGEMM, and DeepSeek-V3 section 3.3.2 "increasing accumulation precision"): a is
@@ -30,7 +31,15 @@ contiguous` run leanmoe's `grouped_mm` contract (unpadded offsets) on the bf16 k
 
 Every launcher takes `tile_config=(block_m, block_n, num_warps, num_stages)` to try another tile
 shape (bench/kernels.py --sweep times the alternatives); None, the default, is the measured choice
-(see `_tile_config`). The contiguous layout keeps its 128-row tiles whatever block_m says.
+(see `_tile_config`).
+
+Layouts that DeepGEMM requires aligned are correct here at any alignment, on both paths (the
+reference and the kernel answer the same, so the CPU tests see what a GPU computes): an
+m-grouped tile whose 128 rows hold several groups makes one pass per group, and a k-grouped
+range that starts mid-tile walks 128-aligned steps masked to the range, so each step still reads
+one scale column. The aligned layouts stay the fast ones (one pass, no partial steps). No check
+reads m_indices or k_ends on the host, so none adds a host sync. Group ids outside [0, G) are
+padding; K ranges are clamped to [0, K] (an empty or reversed range gives zeros).
 """
 
 from __future__ import annotations
@@ -66,9 +75,42 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------- Triton kernel
 @triton_jit
+def _dot_steps(acc, a_ptr, b_ptr, sa_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_lo, k_hi,
+               s_am, s_ak, s_bn, s_bk, s_sam, s_sak, s_sbn, s_sbk,
+               SCALED: tl.constexpr, SB_ROWS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc [BM, BN] + sum_{k_lo <= k < k_hi} a[rows, k] b[cols, k] (scaled per 128-wide step), over
+    rows with row_ok. Pointers are already offset to the group. The steps start at k_lo rounded
+    down to BLOCK_K, so each step lies inside one scale column even when k_lo is mid-tile (a
+    k-grouped range that starts anywhere); elements outside [k_lo, k_hi) load as 0."""
+    k_start = (k_lo // BLOCK_K) * BLOCK_K
+    ks = k_start + tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * s_am + ks[None, :] * s_ak  # [BM, BK]
+    b_ptrs = b_ptr + cols[None, :].to(tl.int64) * s_bn + ks[:, None] * s_bk  # [BK, BN]
+    for k0 in range(k_start, k_hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = (k >= k_lo) & (k < k_hi)
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        a_ptrs += BLOCK_K * s_ak
+        b_ptrs += BLOCK_K * s_bk
+        if UPCAST == 1:
+            a, b = a.to(tl.bfloat16), b.to(tl.bfloat16)
+        if UPCAST == 2:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        if SCALED:
+            kb = k0 // BLOCK_K  # BLOCK_K == 128: one scale column per step
+            sa = tl.load(sa_ptr + rows * s_sam + kb * s_sak, mask=row_ok, other=0.0)
+            sb = tl.load(sb_ptr + (cols // SB_ROWS) * s_sbn + kb * s_sbk, mask=col_ok, other=0.0)
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton_jit
 def _gemm_nt_kernel(
     a_ptr, b_ptr, d_ptr, sa_ptr, sb_ptr, grp_ptr,
-    M, N, K,
+    M, N, K, G,
     s_ag, s_am, s_ak, s_bg, s_bn, s_bk, s_dg, s_dm, s_dn,
     s_sag, s_sam, s_sak, s_sbg, s_sbn, s_sbk,
     MODE: tl.constexpr,          # 0 plain, 1 m-grouped contiguous, 2 m-grouped masked, 3 k-grouped
@@ -88,47 +130,38 @@ def _gemm_nt_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
-    k_lo, k_hi = 0, K
-    if MODE == 1:  # the tile's group: its rows hold one group id and maybe -1 padding
-        idx = tl.load(grp_ptr + rows, mask=row_ok, other=-1)
-        grp = tl.max(idx, axis=0)
-        row_ok = idx == grp
-        k_hi = tl.where(grp >= 0, K, 0)
-        g = tl.maximum(grp, 0).to(tl.int64)
-    if MODE == 2:
-        m_valid = tl.load(grp_ptr + g)
-        row_ok = rows < m_valid
-        k_hi = tl.where(pid_m * BLOCK_M < m_valid, K, 0)
-    if MODE == 3:
-        k_lo = tl.load(grp_ptr + g - 1, mask=g > 0, other=0)
-        k_hi = tl.load(grp_ptr + g)
-
     col_ok = cols < N
-    ks = k_lo + tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + g * s_ag + rows[:, None].to(tl.int64) * s_am + ks[None, :] * s_ak  # [BM, BK]
-    b_ptrs = b_ptr + g * s_bg + cols[None, :].to(tl.int64) * s_bn + ks[:, None] * s_bk  # [BK, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k_ok = (k0 + tl.arange(0, BLOCK_K)) < k_hi
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        a_ptrs += BLOCK_K * s_ak
-        b_ptrs += BLOCK_K * s_bk
-        if UPCAST == 1:
-            a, b = a.to(tl.bfloat16), b.to(tl.bfloat16)
-        if UPCAST == 2:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        if SCALED:
-            kb = k0 // BLOCK_K  # BLOCK_K == 128: one scale column per step
-            sa = tl.load(sa_ptr + g * s_sag + rows * s_sam + kb * s_sak, mask=row_ok, other=0.0)
-            sb = tl.load(sb_ptr + g * s_sbg + (cols // SB_ROWS) * s_sbn + kb * s_sbk, mask=col_ok, other=0.0)
-            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
-        else:
-            acc = tl.dot(a, b, acc)
-
-    if MODE == 1 or MODE == 2:  # skipped rows are written as zeros
-        acc = tl.where(row_ok[:, None], acc, 0.0)
-        row_ok = rows < M
+    if MODE == 1:
+        # The tile's rows may hold several groups (any m_indices is correct; the 128-aligned
+        # contiguous layout is the fast one: one group per tile, one pass). Ids outside [0, G)
+        # are padding, as in the reference. Each pass loads only its group's rows of a, so the
+        # other rows add exact zeros (b is finite: E4M3 has no inf).
+        idx = tl.load(grp_ptr + rows, mask=row_ok, other=-1)
+        idx = tl.where(idx < G, idx, -1)
+        g_hi = tl.max(idx, axis=0).to(tl.int64)  # int64: b's group offset can pass 2^31 elements
+        g_lo = tl.min(tl.where(idx >= 0, idx, g_hi), axis=0).to(tl.int64)
+        g_lo = tl.where(g_hi >= 0, g_lo, 0)  # no group in the tile: no pass
+        for gg in range(g_lo, g_hi + 1):
+            acc = _dot_steps(acc, a_ptr, b_ptr + gg * s_bg, sa_ptr, sb_ptr + gg * s_sbg, rows, cols,
+                             row_ok & (idx == gg), col_ok, 0, K, s_am, s_ak, s_bn, s_bk, s_sam, s_sak, s_sbn,
+                             s_sbk, SCALED, SB_ROWS, UPCAST, BLOCK_K)
+        acc = tl.where((idx >= 0)[:, None], acc, 0.0)  # skipped rows are written as zeros
+    else:
+        k_lo, k_hi = 0, K
+        if MODE == 2:
+            m_valid = tl.load(grp_ptr + g)
+            row_ok = rows < m_valid
+            k_hi = tl.where(pid_m * BLOCK_M < m_valid, K, 0)
+        if MODE == 3:  # K range [k_ends[g-1], k_ends[g]), clamped to [0, K] as the reference slices
+            k_lo = tl.minimum(tl.maximum(tl.load(grp_ptr + g - 1, mask=g > 0, other=0), 0), K)
+            k_hi = tl.minimum(tl.maximum(tl.load(grp_ptr + g), 0), K)
+        acc = _dot_steps(acc, a_ptr + g * s_ag, b_ptr + g * s_bg, sa_ptr + g * s_sag, sb_ptr + g * s_sbg, rows,
+                         cols, row_ok, col_ok, k_lo, k_hi, s_am, s_ak, s_bn, s_bk, s_sam, s_sak, s_sbn, s_sbk,
+                         SCALED, SB_ROWS, UPCAST, BLOCK_K)
+        if MODE == 2:  # skipped rows are written as zeros
+            acc = tl.where(row_ok[:, None], acc, 0.0)
+    row_ok = rows < M
     d_ptrs = d_ptr + g * s_dg + rows[:, None].to(tl.int64) * s_dm + cols[None, :] * s_dn
     tl.store(d_ptrs, acc.to(d_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -153,12 +186,12 @@ def _upcast_mode(device_type: str, index: int | None, dtype: torch.dtype) -> int
 
 def _tile_config(mode: int, m: int, on_gpu: bool, tile_config=None) -> TileConfig:
     """(block_m, block_n, num_warps, num_stages): the caller's `tile_config` if given, else the
-    default. The contiguous layout needs 128-row tiles (a tile must not straddle groups); others
-    shrink block_m to small M."""
-    block_m = 128 if mode == _M_CONTIGUOUS else max(16, min(128, next_power_of_2(m)))
+    default. block_m shrinks to small M (a contiguous-layout tile may straddle groups: the kernel
+    then makes one pass per group, so 128-row tiles over a 128-aligned layout stay one pass)."""
+    block_m = max(16, min(128, next_power_of_2(m)))
     if tile_config is not None:
         bm, bn, w, st = tile_config
-        return (128 if mode == _M_CONTIGUOUS else min(bm, block_m)), bn, w, st
+        return min(bm, block_m), bn, w, st
     if not on_gpu:
         return block_m, _INTERPRETER_BLOCK_N, 8, 3
     # Measured on an H200 (bench/kernels.py --sweep, docs/benchmarks.md): 128x128x128 tiles, 8
@@ -181,7 +214,7 @@ def _launch(mode: int, a, sa, b, sb, grp, out: torch.Tensor, m: int, n: int, k: 
     grid = (cdiv(m, block_m) * cdiv(n, block_n), n_groups if mode in (_M_MASKED, _K_GROUPED) else 1)
     _gemm_nt_kernel[grid](
         a, b, out, sa if scaled else a, sb if scaled else b, grp if grp is not None else a,
-        m, n, k, *s3(a), *s3(b), *s3(out), *s3(sa), *s3(sb),
+        m, n, k, b.shape[0] if mode == _M_CONTIGUOUS else n_groups, *s3(a), *s3(b), *s3(out), *s3(sa), *s3(sb),
         MODE=mode, SCALED=scaled, SB_ROWS=sb_rows, UPCAST=_upcast_mode(a.device.type, a.device.index, a.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
         num_stages=num_stages)
@@ -210,7 +243,8 @@ def _reference(mode: int, a, sa, b, sb, grp, n_groups: int, out_dtype: torch.dty
             if rows.numel():
                 out[rows] = a32[rows] @ b32[g].T
         return out.to(out_dtype)
-    ends = grp.tolist()  # host sync: reference only
+    t = a.shape[1]
+    ends = [min(max(e, 0), t) for e in grp.tolist()]  # host sync: reference only; clamped as the kernel
     starts = [0] + ends[:-1]
     return torch.stack([a32[:, s:e] @ b32[:, s:e].T for s, e in zip(starts, ends)]).to(out_dtype) \
         if n_groups else a32.new_zeros(0, a.shape[0], n, dtype=out_dtype)
@@ -284,8 +318,9 @@ def m_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tu
                                      m_indices: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, *,
                                      tile_config: TileConfig | None = None) -> torch.Tensor:
     """d [M, N]: d[m] = a[m] @ b[m_indices[m]]^T. a = (a [M, K], sa [M, Kb]), b = (b [G, N, K],
-    sb [G, Nb, Kb]); m_indices [M] int32, -1 for padding rows (their output is 0). Groups are
-    contiguous and 128-row aligned (see `contiguous_layout`)."""
+    sb [G, Nb, Kb]); m_indices [M] int32, -1 for padding rows (their output is 0). Any layout is
+    correct; contiguous groups starting at multiples of 128 rows are the fast one (see
+    `contiguous_layout`)."""
     (a8, sa), (b8, sb) = a, b
     _check("m_grouped_fp8_gemm_nt_contiguous", a8, sa, b8, sb, 2, 3, (cdiv(b8.shape[1], TILE),))
     _check_indices("m_grouped_fp8_gemm_nt_contiguous", m_indices, a8.shape[0])
@@ -303,9 +338,9 @@ def m_grouped_fp8_gemm_nt_masked(a: tuple[torch.Tensor, torch.Tensor], b: tuple[
     DeepGEMM compatibility (a tile-size hint there; unused here)."""
     (a8, sa), (b8, sb) = a, b
     _check("m_grouped_fp8_gemm_nt_masked", a8, sa, b8, sb, 3, 3, (cdiv(b8.shape[1], TILE),))
-    if a8.shape[0] != b8.shape[0] or masked_m.shape != (b8.shape[0],):
-        raise ValueError(f"m_grouped_fp8_gemm_nt_masked: a {tuple(a8.shape)}, b {tuple(b8.shape)} and masked_m "
-                         f"{tuple(masked_m.shape)} must agree on G")
+    if a8.shape[0] != b8.shape[0]:
+        raise ValueError(f"m_grouped_fp8_gemm_nt_masked: a {tuple(a8.shape)} and b {tuple(b8.shape)} must agree on G")
+    _check_groups("m_grouped_fp8_gemm_nt_masked", "masked_m", masked_m, b8.shape[0])
     return _gemm_nt_op(a8, b8, sa, sb, masked_m.to(torch.int32), _M_MASKED, b8.shape[0], out_dtype,
                        check_tile_config("m_grouped_fp8_gemm_nt_masked", tile_config))
 
@@ -314,12 +349,13 @@ def k_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tu
                                      k_ends: torch.Tensor, out_dtype: torch.dtype = torch.float32, *,
                                      tile_config: TileConfig | None = None) -> torch.Tensor:
     """d [G, M, N]: d[g] = a[:, Kg] @ b[:, Kg]^T over K ranges Kg = [k_ends[g-1], k_ends[g]).
-    a = (a [M, T], sa [M, Tb]), b = (b [N, T], sb [N, Tb]), both with 1x128 tiles along T; every
-    range starts at a multiple of 128. The weight gradient of grouped experts (T = tokens)."""
+    a = (a [M, T], sa [M, Tb]), b = (b [N, T], sb [N, Tb]), both with 1x128 tiles along T.
+    k_ends [G] are inclusive cumulative ends (DeepGEMM passes sizes: see leanmoe.kernels.deep_gemm).
+    Ranges may start anywhere (ranges starting at multiples of 128 are the fast case). The weight
+    gradient of grouped experts (T = tokens)."""
     (a8, sa), (b8, sb) = a, b
     _check("k_grouped_fp8_gemm_nt_contiguous", a8, sa, b8, sb, 2, 2, (b8.shape[0],))
-    if k_ends.dim() != 1:
-        raise ValueError("k_grouped_fp8_gemm_nt_contiguous: k_ends must be [G]")
+    _check_groups("k_grouped_fp8_gemm_nt_contiguous", "k_ends", k_ends)
     return _gemm_nt_op(a8, b8, sa, sb, k_ends.to(torch.int32), _K_GROUPED, k_ends.shape[0], out_dtype,
                        check_tile_config("k_grouped_fp8_gemm_nt_contiguous", tile_config))
 
@@ -339,6 +375,7 @@ def k_grouped_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, k_ends: torch
                                  tile_config: TileConfig | None = None) -> torch.Tensor:
     """Unscaled counterpart of k_grouped_fp8_gemm_nt_contiguous (any range boundaries)."""
     _check("k_grouped_gemm_nt_contiguous", a, None, b, None, 2, 2, ())
+    _check_groups("k_grouped_gemm_nt_contiguous", "k_ends", k_ends)
     return _gemm_nt_op(a, b, None, None, k_ends.to(torch.int32), _K_GROUPED, k_ends.shape[0], out_dtype,
                        check_tile_config("k_grouped_gemm_nt_contiguous", tile_config))
 
@@ -347,8 +384,14 @@ def _check_indices(name: str, m_indices: torch.Tensor, m: int) -> None:
     if m_indices.shape != (m,) or m_indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: m_indices must be an int tensor [{m}], got {tuple(m_indices.shape)} "
                          f"{m_indices.dtype}")
-    if m % TILE:
-        raise ValueError(f"{name}: M={m} must be a multiple of {TILE} (pad each group; see contiguous_layout)")
+
+
+def _check_groups(name: str, what: str, t: torch.Tensor, g: int | None = None) -> None:
+    """A per-group int tensor (masked_m, k_ends): [G] int32/int64. Shape only: its values stay on
+    the device (no host sync); the kernel and the reference treat odd values alike."""
+    if t.dim() != 1 or (g is not None and t.shape[0] != g) or t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: {what} must be an int tensor [{'G' if g is None else g}], got {tuple(t.shape)} "
+                         f"{t.dtype}")
 
 
 # ---------------------------------------------------------------------- the contiguous layout

@@ -20,12 +20,16 @@ class ParallelConfig:
         (the all-to-alls are not repeated).
     fp8_dispatch: send dispatch payloads as FP8 E4M3 with one fp32 scale per 1x128 tile.
     bf16_combine: send combine payloads (and all gradient all-to-alls) in bf16.
+    timeout_s: how long a rank waits in a collective for the others before it gives up (a frozen or
+        dead peer); gloo's and NCCL's own default is 30 minutes. Rank 0's data preparation (tokenizer
+        training, shard building) is waited for without this limit.
     """
 
     ep: int | None = None
     activation_checkpointing: bool = False
     fp8_dispatch: bool = False
     bf16_combine: bool = False
+    timeout_s: float = 600.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

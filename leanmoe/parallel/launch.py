@@ -5,15 +5,24 @@
 
 torchrun's `--standalone` rendezvous picks a free local port, so several jobs can share a
 machine. Across machines, call torchrun yourself (docs/distributed.md).
+
+The launcher runs torchrun in-process behind `python -m leanmoe.parallel.launch`, in a session of
+its own, so that:
+- Ctrl-C, or SIGTERM / SIGINT sent to the launcher's PID (a job scheduler's stop), reaches torchrun
+  exactly once; torchrun passes it to every worker, and the workers agree to stop after the same
+  step and save (leanmoe.parallel.world) before the launcher exits;
+- a failing rank's one-line error is the whole message: torchrun's ~40-line failure summary is
+  left out and the launcher exits with the rank's status.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
-__all__ = ["strip_nproc", "torchrun_command", "relaunch"]
+__all__ = ["strip_nproc", "torchrun_args", "torchrun_command", "relaunch"]
 
 
 def strip_nproc(argv: list[str]) -> list[str]:
@@ -32,12 +41,16 @@ def strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def torchrun_command(argv: list[str], nproc: int) -> list[str]:
-    """The command that runs `leanmoe <argv>` (minus --nproc) on `nproc` local processes."""
+def torchrun_args(argv: list[str], nproc: int) -> list[str]:
+    """torchrun's arguments to run `leanmoe <argv>` (minus --nproc) on `nproc` local processes."""
     if nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {nproc}")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "leanmoe", *strip_nproc(argv)]
+    return ["--standalone", f"--nproc-per-node={nproc}", "-m", "leanmoe", *strip_nproc(argv)]
+
+
+def torchrun_command(argv: list[str], nproc: int) -> list[str]:
+    """The torchrun command line equivalent to `leanmoe <argv> --nproc nproc`."""
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun_args(argv, nproc)]
 
 
 def relaunch(argv: list[str], nproc: int) -> int:
@@ -47,15 +60,47 @@ def relaunch(argv: list[str], nproc: int) -> int:
     env = dict(os.environ)
     # torchrun would set 1 thread per process (and warn); split this machine's cores instead
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    proc = subprocess.Popen(torchrun_command(argv, nproc), env=env)
+    cmd = [sys.executable, "-m", "leanmoe.parallel.launch", *torchrun_args(argv, nproc)]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # signals reach it only through us
+    stopping: list[int] = []
+
+    def forward(signum, frame):
+        if not stopping:
+            print("leanmoe: stopping; the workers finish the current step and save a checkpoint "
+                  "(Ctrl-C again to kill them without saving)", file=sys.stderr, flush=True)
+            stopping.append(signum)
+            proc.send_signal(signal.SIGINT)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return proc.wait()
-    except KeyboardInterrupt:  # the workers got it too (and torchrun forwards it): they agree to stop
-        print("leanmoe: stopping; the workers finish the current step and save a checkpoint "
-              "(Ctrl-C again to kill them without saving)", file=sys.stderr, flush=True)
-        try:
-            proc.wait()
-        except KeyboardInterrupt:
-            proc.kill()
-            proc.wait()
+        code = proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return 130 if stopping else code
+
+
+def _run_torchrun(args: list[str]) -> int:
+    """torchrun's `run` with its failure summary left out: the failing ranks have printed their
+    own one-line errors. Returns the first failing rank's exit status (128 + signal if killed)."""
+    os.environ["LOGLEVEL"] = "CRITICAL"  # torch.distributed.elastic's loggers, set as they are created
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    os.environ.pop("LOGLEVEL")  # the workers keep their default
+    try:
+        run(parse_args(args))
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        code = next((c for c in codes if c != 0), 1)
+        return code if code > 0 else 128 - code
+    except SignalException:
         return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_run_torchrun(sys.argv[1:]))

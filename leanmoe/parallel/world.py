@@ -15,6 +15,7 @@ rank 0 is the only rank), so the training loop has no `if distributed` branches.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -34,16 +35,19 @@ class World:
         self.device, self.rank, self.size = device, rank, size
         self.dims: groups.ParallelDims | None = None
         self._owns_group = owns_group
+        self._waits = 0  # rank0_first calls so far (each waits on its own store key)
 
     @classmethod
-    def join(cls, device: torch.device) -> World:
-        """This process's world: torchrun's job (WORLD_SIZE > 1: the process group is initialised
-        and cuda becomes cuda:LOCAL_RANK) or a world of one."""
+    def join(cls, device: torch.device, timeout_s: float | None = None) -> World:
+        """This process's world: torchrun's job (WORLD_SIZE > 1: the process group is initialised,
+        collectives give up after `timeout_s`, and cuda becomes cuda:LOCAL_RANK) or a world of one."""
         if groups.env_world_size() <= 1:
             return cls(device)
+        if timeout_s is not None and not (0 < timeout_s < float("inf")):
+            raise ValueError(f"--dist-timeout must be a positive number of seconds, got {timeout_s}")
         device = groups.local_device(device)
         owns = not groups.is_initialized()
-        groups.init_process_group(device)
+        groups.init_process_group(device, timeout_s=timeout_s)
         return cls(device, groups.rank(), groups.world_size(), owns)
 
     @property
@@ -77,15 +81,23 @@ class World:
         if not self.distributed:
             fn()
             return
+        # NOTE: the others wait on a key of torchrun's TCPStore, not in a collective: rank 0 may take
+        # longer than the collective timeout (a tokenizer trained on a large corpus); if rank 0
+        # dies, the store (which it hosts) goes with it and the wait ends with an error
+        import torch.distributed.distributed_c10d as c10d
+
+        store, key = c10d._get_default_store(), f"leanmoe/rank0_first/{self._waits}"
+        self._waits += 1
         if self.rank == 0:
             try:
                 fn()
             except BaseException:
-                groups.broadcast_flag(False)
+                store.set(key, "failed")
                 raise
-            groups.broadcast_flag(True)
+            store.set(key, "ok")
         else:
-            if not groups.broadcast_flag(False):
+            store.wait([key], dt.timedelta(days=7))
+            if store.get(key) != b"ok":
                 raise error
             fn()
 

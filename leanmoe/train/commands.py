@@ -31,6 +31,9 @@ def cmd_info(args) -> int:
     from leanmoe.model import Transformer
 
     cfg = _load_config(args)
+    if args.seq_len < 1 or (args.forward and args.seq_len > cfg.max_position_embeddings):
+        raise ValueError(f"--seq-len {args.seq_len}: must be in [1, max_position_embeddings = "
+                         f"{cfg.max_position_embeddings}] to run this model")
     print(cfg.summary())
     print(f"training FLOPs per token at sequence length {args.seq_len}: {cfg.flops_per_token(args.seq_len):.3e}")
     if args.forward:
@@ -49,6 +52,8 @@ def cmd_info(args) -> int:
 
 def cmd_train(args) -> int:
     """Train a model from text (see leanmoe.train.trainer); --nproc N re-runs it under torchrun."""
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: must be at least 1 (the number of processes to run)")
     if args.nproc is not None and args.nproc > 1:
         from leanmoe.parallel.launch import relaunch
 
@@ -71,17 +76,35 @@ def cmd_train(args) -> int:
         price_per_hour=args.price_per_hour, gpu=args.gpu, progress=not args.quiet,
     )
     pc = ParallelConfig(ep=args.ep, activation_checkpointing=args.activation_checkpointing,
-                        fp8_dispatch=args.fp8_dispatch, bf16_combine=args.bf16_combine)
+                        fp8_dispatch=args.fp8_dispatch, bf16_combine=args.bf16_combine,
+                        timeout_s=args.dist_timeout)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 reports
+    where = f" (rank {rank})" if rank else ""
     try:
         result = train(tc, pc)
     except (TrainingError, DataError) as e:
-        where = f" (rank {rank})" if rank else ""
         print(f"leanmoe train{where}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full or read-only disk: the checkpoints written before stay intact
+        what = f"{e.strerror} ({e.filename})" if e.strerror and e.filename else str(e)
+        print(f"leanmoe train{where}: error: could not write the run: {what}; the checkpoints saved before are "
+              "intact", file=sys.stderr)
+        return 1
+    except torch_dist_error() as e:  # a peer froze or died: this rank gives up after --dist-timeout
+        print(f"leanmoe train{where}: error: another process stopped answering ({str(e).splitlines()[0][:200]}); "
+              f"gave up after --dist-timeout {args.dist_timeout:g} s; the last checkpoint is kept, continue with "
+              "--resume", file=sys.stderr)
         return 1
     if rank == 0:
         print(f"checkpoint: {result.checkpoint}\nreport:     {result.report}")
     return 130 if result.interrupted else 0
+
+
+def torch_dist_error() -> type[BaseException]:
+    """torch.distributed's error type (a collective timed out, a peer's connection closed)."""
+    import torch.distributed as dist
+
+    return getattr(dist, "DistError", RuntimeError)
 
 
 def cmd_cost(args) -> int:
@@ -159,6 +182,9 @@ def register(subparsers) -> None:
     dist.add_argument("--fp8-dispatch", action="store_true", help="send expert-parallel dispatch payloads as FP8")
     dist.add_argument("--bf16-combine", action="store_true",
                       help="send combine payloads and gradient all-to-alls as bf16")
+    dist.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                      help="give up when another process does not answer a collective for this long (a frozen or "
+                           "dead rank; default 600; raise it for checkpoints that take longer to write)")
     tr.set_defaults(func=cmd_train)
 
     co = subparsers.add_parser("cost", help="estimate the GPU-hours and dollars a training run takes")

@@ -8,6 +8,7 @@ config is never changed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -138,6 +139,7 @@ class TrainConfig:
         if tc.compile == "auto":
             tc.compile = "on" if gpu else "off"
 
+        tc.check_values(world_size)
         if tc.seq_len > cfg.max_position_embeddings:
             raise TrainingError(
                 f"--seq-len {tc.seq_len} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings}); "
@@ -166,6 +168,42 @@ class TrainConfig:
                 f"(weights, optimizer, activations) but only {free_memory / 2**30:.1f} GiB is free on {device}; "
                 "lower --micro-batch-size (gradient accumulation keeps --batch-size) or --seq-len")
         return tc
+
+    def check_values(self, world_size: int = 1) -> None:
+        """Values no run can use (given, or filled in): TrainingError naming the flag."""
+        def bad(flag: str, value, want: str) -> TrainingError:
+            return TrainingError(f"--{flag} {value}: {want}")
+
+        for name in ("max_steps", "eval_interval", "save_interval", "log_interval", "keep_last", "eval_batches"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise bad(name.replace("_", "-"), v, "must be a whole number >= 1")
+        for name in ("max_tokens", "time_budget"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise bad(name.replace("_", "-"), v, "must be a positive finite number")
+        if self.lr is not None and not (math.isfinite(self.lr) and 0 < self.lr < 10):
+            raise bad("lr", self.lr, "must be a positive finite learning rate below 10 (AdamW's are ~1e-4 to 1e-2)")
+        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+            raise bad("warmup-steps", self.warmup_steps, "must be a whole number >= 0")
+        checks = (("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]"),
+                  ("decay_fraction", 0 <= self.decay_fraction <= 1, "must be in [0, 1]"),
+                  ("val_fraction", 0 <= self.val_fraction < 1, "must be in [0, 1)"),
+                  ("weight_decay", 0 <= self.weight_decay < 10, "must be in [0, 10)"),
+                  ("grad_clip", 0 < self.grad_clip < math.inf, "must be a positive finite number"),
+                  ("beta1", 0 <= self.beta1 < 1, "must be in [0, 1)"), ("beta2", 0 <= self.beta2 < 1, "must be in [0, 1)"),
+                  ("mtp_weight", self.mtp_weight is None or (math.isfinite(self.mtp_weight) and self.mtp_weight >= 0),
+                   "must be a finite number >= 0"),
+                  ("price_per_hour", self.price_per_hour is None
+                   or (math.isfinite(self.price_per_hour) and self.price_per_hour >= 0), "must be a finite number >= 0"),
+                  ("seed", isinstance(self.seed, int) and self.seed >= 0, "must be a whole number >= 0"))
+        for name, ok, want in checks:
+            if not ok:
+                raise bad(name.replace("_", "-"), getattr(self, name), want)
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise bad("schedule", self.schedule, "must be cosine, wsd or constant")
+        if self.compile not in ("auto", "on", "off"):
+            raise bad("compile", self.compile, "must be auto, on or off")
 
     def for_world(self, world_size: int, say: Callable[[str], None] | None = None) -> TrainConfig:
         """A saved (resolved) config for resuming on `world_size` processes: the micro-batch shrinks

@@ -16,6 +16,7 @@ H800-hour); pass your own with `price_per_hour`.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -136,6 +137,12 @@ def estimate_cost(cfg: ModelConfig, tokens: float | str, gpu: str, *, mfu: float
     fpt = cfg.flops_per_token(seq_len, include_mtp=include_mtp)
     total = fpt * n_tokens
     peak = g.peak_flops(precision)
+    for name, value in (("mfu", mfu), ("tokens_per_second", tokens_per_second), ("gpu_hours", gpu_hours),
+                        ("price_per_hour", price_per_hour)):
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+    if price_per_hour is not None and price_per_hour < 0:
+        raise ValueError(f"price_per_hour must be >= 0, got {price_per_hour}")
     if mfu is not None:
         if not 0 < mfu <= 1:
             raise ValueError(f"mfu is a fraction in (0, 1], got {mfu}")

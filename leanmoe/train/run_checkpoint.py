@@ -1,20 +1,29 @@
-"""Training checkpoints: an HF-layout model folder plus everything needed to resume exactly.
+"""Training checkpoints: a Hugging Face model folder plus, in a subfolder, what resumes exactly.
 
-    RUN/checkpoints/step-N/
-        config.json, model.safetensors      the model (leanmoe.from_pretrained and transformers load it)
+    RUN/checkpoints/step-N/                 exactly what an HF DeepseekV3 checkpoint holds, so
+        config.json                         transformers, vLLM, SGLang and leanmoe load it unchanged
+        generation_config.json              (a loader globbing *.safetensors finds the model only)
+        model.safetensors                   (model-0000i-of-0000N.safetensors + index past 5 GB)
         tokenizer.json, tokenizer_config.json
-        optimizer.safetensors               AdamW moments and step counts, keyed by parameter name
+        trainer_state/                      what only a resumed run reads:
+            optimizer.safetensors           AdamW moments and step counts, keyed by parameter name
                                             (optimizer-0000i-of-0000N.safetensors past 5 GB)
-        rng.safetensors                     torch CPU (and CUDA) generator states
-        trainer_state.json                  step, tokens, elapsed, loader position, schedule, RNG of
+            rng.safetensors                 torch CPU (and CUDA) generator states
+            trainer_state.json              step, tokens, elapsed, loader position, schedule, RNG of
                                             python/numpy, the training config
     RUN/checkpoints/latest -> step-N        (a symlink; a plain file naming the folder where
                                             symlinks are unavailable)
 
-Router biases travel in the model weights (`e_score_correction_bias`). A checkpoint is written
-into a hidden temporary folder and renamed into place only when complete, so a crash at any
+Checkpoints written before trainer_state/ existed (its three kinds of files at the top level)
+still resume. Router biases travel in the model weights (`e_score_correction_bias`). A checkpoint
+is written into a hidden temporary folder, every file and folder in it fsync'ed, and renamed into
+place only when complete (the parent folder fsync'ed after), so a crash or power loss at any
 moment leaves either the previous checkpoint set or the new one, never a half-written folder.
 Nothing is unpickled: tensors are safetensors, the rest JSON.
+
+A damaged checkpoint (a truncated or corrupt file) raises CheckpointError in one line naming the
+file; `latest_intact_checkpoint` is how a resume passes over a damaged newest checkpoint to the
+newest intact one, saying so.
 
 A distributed run (a model transformed by leanmoe.parallel.parallelize) saves the same folder:
 every rank takes part in gathering full tensors one at a time (leanmoe.parallel.full_state) and
@@ -30,41 +39,121 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from leanmoe.weights import (ShardWriter, iter_checkpoint_tensors, load_hf_state_dict, read_latest_pointer,
-                             save_pretrained, write_hf_folder)
+from leanmoe.config import ConfigError, ModelConfig
+from leanmoe.weights import (CheckpointError, ShardWriter, fsync_dir, fsync_tree, iter_checkpoint_tensors,
+                             load_hf_state_dict, load_safetensors, open_safetensors, read_json, read_latest_pointer,
+                             save_pretrained, verify_weights, write_generation_config, write_hf_folder)
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "rng_state",
-           "restore_rng"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "latest_intact_checkpoint", "list_checkpoints",
+           "check_checkpoint", "read_trainer_state", "trainer_state_folder", "rng_state", "restore_rng",
+           "CheckpointError", "STATE_DIR"]
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 SHARD_SIZE = "5GB"  # largest model / optimizer file of a checkpoint
+STATE_DIR = "trainer_state"  # the subfolder weight loaders do not read
+STATE_FILE = "trainer_state.json"
+RNG_FILE = "rng.safetensors"
 _STACKED_EXPERTS_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+# what trainer_state.json must hold for a resume (save_checkpoint's callers add the rest)
+_STATE_KEYS = ("step", "optimizer", "rng")
+
+
+def trainer_state_folder(ckpt: str | os.PathLike) -> Path:
+    """Where a checkpoint keeps its optimizer, RNG and trainer state: `step-N/trainer_state/`, or
+    the checkpoint folder itself for checkpoints written before that subfolder existed."""
+    ckpt = Path(ckpt)
+    return ckpt if (ckpt / STATE_FILE).is_file() and not (ckpt / STATE_DIR).is_dir() else ckpt / STATE_DIR
+
+
+def _is_complete(p: Path) -> bool:
+    return (p / STATE_DIR / STATE_FILE).is_file() or (p / STATE_FILE).is_file()
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first."""
+    """Complete checkpoint folders of a run (those holding a trainer_state.json), oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
-    return [p for _, p in sorted(found) if (p / "trainer_state.json").is_file()]
+    return [p for _, p in sorted(found) if _is_complete(p)]
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint `latest` points at, else the newest complete one, else None."""
-    target = read_latest_pointer(run_dir)
-    if target is not None and (target / "trainer_state.json").is_file():
+    """The checkpoint `latest` points at, else the newest complete one, else None. Says nothing of
+    whether its files are intact: see latest_intact_checkpoint."""
+    try:
+        target = read_latest_pointer(run_dir)
+    except CheckpointError:
+        target = None  # a damaged pointer: the folders still say which checkpoint is newest
+    if target is not None and _is_complete(target):
         return target
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def read_trainer_state(ckpt: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json (either layout); CheckpointError naming the file when it is
+    damaged or lacks what a resume needs."""
+    path = trainer_state_folder(ckpt) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt} holds no {STATE_DIR}/{STATE_FILE}: not a training checkpoint")
+    state = read_json(path)
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: lacks {', '.join(missing)}; the file is damaged")
+    if not isinstance(state["step"], int) or isinstance(state["step"], bool) or state["step"] < 0:
+        raise CheckpointError(f"{path}: 'step' must be a non-negative integer, got {state['step']!r}")
+    return state
+
+
+def check_checkpoint(ckpt: str | os.PathLike) -> None:
+    """Check a training checkpoint without loading it: trainer_state.json, config.json, the weight
+    files' headers against the config's names and shapes, the optimizer and RNG files' headers, and
+    that tokenizer.json parses. Raises CheckpointError / ConfigError (ValueErrors) or
+    FileNotFoundError, each naming the file."""
+    ckpt = Path(ckpt)
+    read_trainer_state(ckpt)
+    verify_weights(ckpt, ModelConfig.from_pretrained(ckpt))
+    for f in _optimizer_files(ckpt) + [trainer_state_folder(ckpt) / RNG_FILE]:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing")
+        with open_safetensors(f):
+            pass
+    if (ckpt / "tokenizer.json").is_file():
+        read_json(ckpt / "tokenizer.json")
+
+
+def latest_intact_checkpoint(run_dir: str | os.PathLike, say: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint a resume should load: the newest one (`latest`, else by step) whose files
+    pass check_checkpoint. Each damaged one passed over is said (one line, naming the file and what
+    is wrong). None when the run has no checkpoint; CheckpointError when none is intact.
+
+    Reads only. The damaged folders stay until the resumed run saves its next checkpoint, which
+    removes checkpoints of later steps (they belong to the timeline the resume abandoned)."""
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        return None
+    candidates = [newest] + [p for p in reversed(list_checkpoints(run_dir)) if p.resolve() != newest.resolve()]
+    problems = []
+    for ckpt in candidates:
+        try:
+            check_checkpoint(ckpt)
+        except (CheckpointError, ConfigError, FileNotFoundError) as e:
+            problems.append(f"{ckpt.name}: {e}")
+            say(f"checkpoint {ckpt.name} is damaged ({e}); trying an earlier one")
+            continue
+        if problems:
+            say(f"resuming from {ckpt.name}, the newest intact checkpoint")
+        return ckpt
+    raise CheckpointError(f"no intact checkpoint in {Path(run_dir) / 'checkpoints'}: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------- RNG
@@ -117,16 +206,25 @@ def _optimizer_items(model: torch.nn.Module, optimizer: torch.optim.Optimizer, g
                 yield f"{names[id(p)]}.{key}", t.detach().to("cpu").contiguous().reshape(t.shape)
 
 
-def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict,
+                    ckpt: Path | None = None) -> None:
     """Rebuild torch's own optimizer state_dict (params by index) and let it restore devices."""
+    where = f"{trainer_state_folder(ckpt)}: " if ckpt is not None else ""
     names = {id(p): n for n, p in model.named_parameters()}
     current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    if [g["params"] for g in meta["param_groups"]] != current:
-        raise ValueError("optimizer checkpoint does not match the model's parameters; was the model changed?")
+    try:
+        saved = [g["params"] for g in meta["param_groups"]]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{where}trainer_state.json's optimizer metadata is damaged") from None
+    if saved != current:
+        raise CheckpointError(f"{where}the optimizer state does not match the model's parameters; was the model "
+                              "changed?")
     index = {name: i for i, name in enumerate(n for group in current for n in group)}
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        pname, sname = key.rsplit(".", 1)
+        pname, _, sname = key.rpartition(".")
+        if pname not in index:
+            raise CheckpointError(f"{where}optimizer state for {pname or key!r}, which the model does not have")
         per_param.setdefault(index[pname], {})[sname] = t
     groups = [{**{k: tuple(v) if k == "betas" else v for k, v in g.items() if k != "params"},
                "params": [index[n] for n in g["params"]]} for g in meta["param_groups"]]
@@ -135,9 +233,8 @@ def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, te
 
 # ---------------------------------------------------------------------------- save / load
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Into a checkpoint's temporary folder (fsync'ed with the folder before it is published)."""
+    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def _point_latest(root: Path, name: str) -> None:
@@ -152,6 +249,7 @@ def _point_latest(root: Path, name: str) -> None:
     if latest.is_dir() and not latest.is_symlink():
         shutil.rmtree(latest)
     os.replace(tmp, latest)
+    fsync_dir(root)
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, state: dict[str, Any],
@@ -167,7 +265,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, sta
         _write_optimizer_files(folder, _optimizer_items(model, optimizer))
         return _optimizer_meta(model, optimizer)
 
-    return _write_checkpoint(run_dir, step, lambda folder: save_pretrained(model, folder, SHARD_SIZE),
+    return _write_checkpoint(run_dir, step, model.config, lambda folder: save_pretrained(model, folder, SHARD_SIZE),
                              write_optimizer, state, tokenizer, keep_last)
 
 
@@ -180,9 +278,10 @@ def _write_optimizer_files(folder: Path, items) -> None:
 
 
 def _optimizer_files(ckpt: Path) -> list[Path]:
-    files = sorted(ckpt.glob("optimizer*.safetensors"))
+    folder = trainer_state_folder(ckpt)
+    files = sorted(folder.glob("optimizer*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{ckpt} has no optimizer state (optimizer*.safetensors)")
+        raise FileNotFoundError(f"{folder} has no optimizer state (optimizer*.safetensors)")
     return files
 
 
@@ -217,7 +316,7 @@ def _save_parallel(run_dir, step, model, optimizer, state, tokenizer, keep_last)
     path, error = Path(run_dir) / "checkpoints" / f"step-{step}", None
     if rank0:
         try:
-            path = _write_checkpoint(run_dir, step,
+            path = _write_checkpoint(run_dir, step, cfg,
                                      lambda folder: write_hf_folder(folder, cfg, weight_items, SHARD_SIZE),
                                      write_optimizer, state, tokenizer, keep_last)
         except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
@@ -235,11 +334,13 @@ def _save_parallel(run_dir, step, model, optimizer, state, tokenizer, keep_last)
     return path
 
 
-def _write_checkpoint(run_dir, step: int, write_weights, write_optimizer, state: dict[str, Any], tokenizer,
-                      keep_last: int) -> Path:
+def _write_checkpoint(run_dir, step: int, cfg: ModelConfig, write_weights, write_optimizer, state: dict[str, Any],
+                      tokenizer, keep_last: int) -> Path:
     """write_weights(folder) writes the HF-layout model files; write_optimizer(folder) the
-    optimizer files, returning their metadata. Both write into a temporary folder that is renamed
-    into place only when everything is written."""
+    optimizer files into trainer_state/, returning their metadata. Both write into a temporary
+    folder that is fsync'ed (every file, then the folders) and renamed into place only when
+    everything is written; the parent folder is fsync'ed after the rename. Checkpoints of later
+    steps (left by a run that resumed from an earlier one) are removed."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -251,10 +352,14 @@ def _write_checkpoint(run_dir, step: int, write_weights, write_optimizer, state:
         write_weights(tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        opt_meta = write_optimizer(tmp)
+            write_generation_config(tmp, cfg, tokenizer)
+        state_dir = tmp / STATE_DIR
+        state_dir.mkdir()
+        opt_meta = write_optimizer(state_dir)
         rng_json, rng_tensors = rng_state()
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        _write_json(tmp / "trainer_state.json", {**state, "step": step, "optimizer": opt_meta, "rng": rng_json})
+        save_file(rng_tensors, str(state_dir / RNG_FILE))
+        _write_json(state_dir / STATE_FILE, {**state, "step": step, "optimizer": opt_meta, "rng": rng_json})
+        fsync_tree(tmp)  # every file and folder on the disk before the rename publishes them
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -262,14 +367,19 @@ def _write_checkpoint(run_dir, step: int, write_weights, write_optimizer, state:
         old = root / f".step-{step}.old-{os.getpid()}"
         os.replace(final, old)
         os.replace(tmp, final)
+        fsync_dir(root)
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+        fsync_dir(root)
     _point_latest(root, final.name)
-    for stale in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        if stale != final:
-            shutil.rmtree(stale)
+    done = list_checkpoints(run_dir)
+    later = [p for p in done if int(p.name.split("-")[1]) > step]  # an abandoned timeline (see docstring)
+    earlier = [p for p in done if int(p.name.split("-")[1]) < step]
+    for stale in later + (earlier[:max(0, len(earlier) - keep_last + 1)] if keep_last > 0 else []):
+        shutil.rmtree(stale)
     return final
+
 
 
 def load_checkpoint(ckpt: str | os.PathLike, model, optimizer=None) -> dict[str, Any]:
@@ -278,17 +388,27 @@ def load_checkpoint(ckpt: str | os.PathLike, model, optimizer=None) -> dict[str,
     from leanmoe.parallel.full_state import is_parallel
 
     ckpt = Path(ckpt)
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state = read_trainer_state(ckpt)
     if is_parallel(model):
         return _load_parallel(ckpt, state, model, optimizer)
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("tokens_per_expert")}
-    weights = load_hf_state_dict(model.config, iter_checkpoint_tensors(ckpt), expected)
+    weights = load_hf_state_dict(model.config, iter_checkpoint_tensors(ckpt), expected, source=ckpt)
     model.load_state_dict(weights, strict=True)
     if optimizer is not None:
-        tensors = {k: t for f in _optimizer_files(ckpt) for k, t in load_file(str(f)).items()}
-        _load_optimizer(model, optimizer, tensors, state["optimizer"])
-    restore_rng(state["rng"], load_file(str(ckpt / "rng.safetensors")))
+        tensors = {k: t for f in _optimizer_files(ckpt) for k, t in load_safetensors(f).items()}
+        _load_optimizer(model, optimizer, tensors, state["optimizer"], ckpt)
+    _restore_rng_from(ckpt, state)
     return state
+
+
+def _restore_rng_from(ckpt: Path, state: dict[str, Any]) -> None:
+    path = trainer_state_folder(ckpt) / RNG_FILE
+    try:
+        restore_rng(state["rng"], load_safetensors(path))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: the RNG state does not restore ({type(e).__name__}: {e})") from None
 
 
 def _load_parallel(ckpt: Path, state: dict[str, Any], model, optimizer) -> dict[str, Any]:
@@ -331,12 +451,12 @@ def _load_parallel(ckpt: Path, state: dict[str, Any], model, optimizer) -> dict[
                 else:
                     full = reader.get(name)
             except KeyError as e:
-                raise ValueError(f"cannot resume from {ckpt}: {e.args[0]}") from None
+                raise CheckpointError(f"cannot resume from {ckpt}: {e.args[0]}") from None
             put(name, dst, full)
     if optimizer is not None:
         tensors = {}
         for f in _optimizer_files(ckpt):
-            with safe_open(str(f), framework="pt") as fh:
+            with open_safetensors(f) as fh:
                 for key in fh.keys():
                     pname = key.rsplit(".", 1)[0]
                     disp = ep.get(pname)
@@ -345,6 +465,6 @@ def _load_parallel(ckpt: Path, state: dict[str, Any], model, optimizer) -> dict[
                     else:
                         t = fh.get_tensor(key)
                     tensors[key] = local_shard(t, params[pname], dtype=t.dtype)
-        _load_optimizer(model, optimizer, tensors, state["optimizer"])
-    restore_rng(state["rng"], load_file(str(ckpt / "rng.safetensors")))
+        _load_optimizer(model, optimizer, tensors, state["optimizer"], ckpt)
+    _restore_rng_from(ckpt, state)
     return state

@@ -33,7 +33,6 @@ import dataclasses
 import datetime as dt
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,6 @@ from leanmoe.device import resolve_device
 from leanmoe.model import Transformer
 from leanmoe.parallel.config import ParallelConfig
 from leanmoe.parallel.world import World
-from leanmoe.train.run_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from leanmoe.train.config import TrainConfig, TrainingError
 from leanmoe.train.cost import find_gpu
 from leanmoe.train.data import prepare_data
@@ -56,8 +54,15 @@ from leanmoe.train.evaluate import evaluate
 from leanmoe.train.memory import available_memory
 from leanmoe.train.optim import build_optimizer, lr_at
 from leanmoe.train.report import ProgressDisplay, RunSummary, TrainResult, device_name, fmt_eta, write_report
+from leanmoe.train.run_checkpoint import (latest_checkpoint, latest_intact_checkpoint, load_checkpoint,
+                                          read_trainer_state, save_checkpoint)
+from leanmoe.train.run_folder import check_run_folder, create_run_folder, remove_if_unused, truncate_metrics
 
 __all__ = ["Trainer", "TrainResult", "TrainingError", "train"]
+
+# what a run is: a resumed run keeps these (its loader, tokenizer and weights depend on them)
+RESUME_FIXED = ("preset", "config", "data", "tokenizer", "val_fraction", "stream_limit", "seed", "fp8", "mtp_weight",
+                "bias_update_speed")
 
 
 @dataclass
@@ -94,17 +99,21 @@ class Trainer:
         self._compiled_loss = None
         self._compile_explicit = tc.compile == "on"  # --compile on, not the GPU default
         self._peak_flops: float | None = None
+        self._created_run_dir = False
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         tc = self.tc
         self.device = self._device(tc.device)
-        self.world = world = World.join(self.device)
+        try:
+            self.world = world = World.join(self.device, self.pc.timeout_s)
+        except ValueError as e:
+            raise TrainingError(str(e)) from e
         self.device = world.device
         self.display.enabled = tc.progress and world.is_rank0
         self.run_dir = run_dir = Path(world.rank0_value(
-            lambda: str(self._choose_run_dir()), TrainingError("rank 0 could not choose the run folder (its error is above)")))
-        ckpt = latest_checkpoint(run_dir) if tc.resume else None
+            lambda: str(self._choose_run_dir()), TrainingError("rank 0 could not use the run folder (its error is above)")))
+        ckpt = latest_intact_checkpoint(run_dir, self.display.say) if tc.resume else None
         saved_parallel: dict[str, Any] = {}
         if tc.resume:
             if ckpt is None:
@@ -113,15 +122,12 @@ class Trainer:
             self.device = world.local_device(self._device(tc.device))
             cfg = ModelConfig.from_pretrained(ckpt)
         else:
-            if run_dir.exists() and latest_checkpoint(run_dir) is not None:
-                raise TrainingError(f"{run_dir} already holds a run with checkpoints; pass --resume to continue it "
-                                    "or choose another --out")
             cfg = self._model_config()
         self.tc = tc = tc.resolved(cfg, self.device, world.size, available_memory(self.device), self.display.say)
         self.cfg = cfg
         self._build_mesh(cfg, saved_parallel)
         if world.is_rank0:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            self._created_run_dir = create_run_folder(run_dir, tc.resume)
         # rank 0 trains the tokenizer and builds the shard cache; the others reuse them
         world.rank0_first(lambda: self._prepare_data(cfg, ckpt),
                           TrainingError("rank 0 failed while preparing the data (its error is above)"))
@@ -139,7 +145,7 @@ class Trainer:
             self.state = RunState(step=saved["step"], tokens=saved["tokens"], elapsed=saved["elapsed"],
                                   load_total=torch.tensor(saved["expert_load"]) if saved.get("expert_load") else None)
             if world.is_rank0:
-                self._truncate_metrics(saved["step"])
+                truncate_metrics(run_dir, saved["step"])
             self.display.say(f"resuming {run_dir} from {ckpt.name} (step {saved['step']}, {saved['tokens']:,} tokens)")
         self.start_state = {"step": self.state.step, "tokens": self.state.tokens, "elapsed": self.state.elapsed}
         if tc.compile == "on":
@@ -156,6 +162,11 @@ class Trainer:
             raise TrainingError(str(e)) from e
 
     def _choose_run_dir(self) -> Path:
+        run_dir = self._default_run_dir()
+        check_run_folder(run_dir, self.tc.resume)
+        return run_dir
+
+    def _default_run_dir(self) -> Path:
         tc = self.tc
         if tc.out:
             return Path(tc.out)
@@ -177,18 +188,27 @@ class Trainer:
         return cfg.replace(**changes) if changes else cfg
 
     def _resumed_config(self, ckpt: Path) -> tuple[TrainConfig, dict[str, Any]]:
-        """The run's saved config with what may change on resume (budget, intervals, device, ...)
-        taken from the given one; and the saved parallel layout."""
+        """The run's saved config, with what may change on resume (budget, schedule, batch, device,
+        ...) taken from the given one and each change said; and the saved parallel layout. What the
+        run is (model, data, tokenizer, seed, FP8) cannot change: TrainingError."""
         tc = self.tc
-        saved = json.loads((ckpt / "trainer_state.json").read_text())
+        saved = read_trainer_state(ckpt)
         base = TrainConfig.from_dict(saved["train_config"])
         if tc.budget_given():  # a new budget replaces the saved one (which may be the implicit 10 minutes)
             base.max_steps = base.max_tokens = base.time_budget = None
-        for name in ("max_steps", "max_tokens", "time_budget", "eval_interval", "save_interval", "keep_last",
-                     "progress", "device", "compile", "price_per_hour", "gpu"):
-            value = getattr(tc, name)
-            if value is not None and value != getattr(TrainConfig, name, None):
-                setattr(base, name, value)
+        defaults = TrainConfig()
+        for f in dataclasses.fields(TrainConfig):
+            value, old = getattr(tc, f.name), getattr(base, f.name)
+            if f.name in ("out", "resume", "extra") or value is None or value == getattr(defaults, f.name) \
+                    or value == old:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if f.name in RESUME_FIXED:
+                raise TrainingError(f"--resume: {flag} {value} differs from the run's ({old}); a resumed run keeps "
+                                    "its model, data, tokenizer, seed and precision; start a new run with another --out")
+            setattr(base, f.name, value)
+            if f.name not in ("progress", "device", "compile", "gpu", "price_per_hour", "keep_last") and old is not None:
+                self.display.say(f"resume: {flag} {old} -> {value} (applied)")
         base.out, base.resume = str(self.run_dir), True
         return base.for_world(self.world.size, self.display.say), saved.get("parallel") or {}
 
@@ -245,7 +265,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self, stop_after: int | None = None) -> TrainResult:
-        """Run until the budget is spent (or `stop_after` steps in this call, for tests)."""
+        """Run until the budget is spent (or `stop_after` steps in this call, for tests). A run that
+        fails before it has anything to show removes the run folder it created."""
+        try:
+            return self._train(stop_after)
+        except BaseException:
+            if self._created_run_dir and remove_if_unused(self.run_dir):
+                self.display.say(f"removed {self.run_dir}: the run failed before it had anything to keep")
+            raise
+
+    def _train(self, stop_after: int | None) -> TrainResult:
         if self.model is None:
             self.setup()
         tc, s, world = self.tc, self.state, self.world
@@ -423,22 +452,6 @@ class Trainer:
         return evaluate(self.model, self.tokenizer, self.shards.val, batch_size=tc.micro_batch_size,
                         seq_len=tc.seq_len, max_batches=tc.eval_batches, sample_tokens=tc.sample_tokens, seed=tc.seed,
                         device=self.device, world=self.world, autocast=self._autocast)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines past the checkpoint being resumed (they will be recomputed)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash: drop it
-                continue
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
 
     def _autocast(self):
         if self.tc.dtype == "bf16":

@@ -222,9 +222,82 @@ def test_errors():
         fp8_gemm_nt((torch.randn(4, 256), a[1]), per_block_cast_to_fp8(torch.randn(8, 256)))
     with pytest.raises(ValueError, match="b scales"):
         fp8_gemm_nt(a, (per_block_cast_to_fp8(torch.randn(8, 256))[0], torch.ones(3, 2)))
-    with pytest.raises(ValueError, match="multiple of 128"):
-        m_grouped_bf16_gemm_nt_contiguous(torch.randn(100, 8), torch.randn(2, 4, 8),
-                                          torch.zeros(100, dtype=torch.int32))
+    with pytest.raises(ValueError, match="m_indices must be an int tensor"):
+        m_grouped_bf16_gemm_nt_contiguous(torch.randn(100, 8), torch.randn(2, 4, 8), torch.zeros(100))
+    with pytest.raises(ValueError, match="k_ends must be an int tensor"):
+        k_grouped_gemm_nt_contiguous(torch.randn(4, 8), torch.randn(3, 8), torch.tensor([[8]]))
+    with pytest.raises(ValueError, match="masked_m must be an int tensor"):
+        q = per_token_cast_to_fp8(torch.randn(4, 128))
+        m_grouped_fp8_gemm_nt_masked((q[0][None], q[1][None]), _block_cast_groups(torch.randn(1, 8, 128)),
+                                     torch.tensor([2.0]))
+
+
+# Layouts DeepGEMM requires aligned: the kernel and the reference must agree on them too (they
+# once did not: a group sharing a 128-row tile came back as zeros, and a K range starting
+# mid-tile was scaled with its neighbour's scale, on the Triton path only).
+UNALIGNED_M = [
+    [0] * 5 + [1] * 7 + [2] * 3,                         # three groups in one tile, M not a multiple of 128
+    [1] * 60 + [0] * 100 + [-1] * 8 + [2] * 90,          # groups straddling tiles, out of order, padding inside
+    [2, 0, -1, 1, 7, 0, 2, -3] * 20,                     # unsorted; ids past G and below -1 are padding
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("ids", UNALIGNED_M, ids=["one-tile", "straddling", "unsorted"])
+def test_m_grouped_contiguous_any_layout(ids, backend):
+    g, n, k = 3, 40, 200
+    m_indices = torch.tensor(ids, dtype=torch.int32)
+    x, w = torch.randn(len(ids), k), torch.randn(g, n, k)
+    valid = (m_indices >= 0) & (m_indices < g)
+    ref = torch.einsum("mk,mnk->mn", x, w[m_indices.clamp(0, g - 1).long()]) * valid[:, None]
+    out = m_grouped_fp8_gemm_nt_contiguous(per_token_cast_to_fp8(x), _block_cast_groups(w), m_indices,
+                                           out_dtype=torch.float32)
+    assert (out[~valid] == 0).all()
+    assert calc_diff(out, ref) < FP8_DIFF
+    outb = m_grouped_bf16_gemm_nt_contiguous(x.bfloat16(), w.bfloat16(), m_indices)
+    assert (outb[~valid] == 0).all()
+    torch.testing.assert_close(outb.float(), ref, rtol=2e-2, atol=2e-2 * k ** 0.5)
+
+
+@needs_triton
+@pytest.mark.parametrize("ids", UNALIGNED_M, ids=["one-tile", "straddling", "unsorted"])
+def test_m_grouped_contiguous_any_layout_triton_matches_reference(ids):
+    m_indices = torch.tensor(ids, dtype=torch.int32)
+    x, w = torch.randn(len(ids), 200), torch.randn(3, 40, 200)
+    out, ref = _both(m_grouped_fp8_gemm_nt_contiguous, per_token_cast_to_fp8(x), _block_cast_groups(w), m_indices,
+                     out_dtype=torch.float32)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+
+# inclusive ends over T = 384 tokens: ranges starting mid-tile, an empty one, one reversed, one past T
+K_ENDS = [[100, 300, 384], [0, 129, 129, 250, 384], [200, 150, 500]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("ends", K_ENDS)
+def test_k_grouped_any_ranges(ends, backend):
+    t, m, n = 384, 24, 40
+    a, b = torch.randn(m, t), torch.randn(n, t)
+    k_ends = torch.tensor(ends, dtype=torch.int32)
+    out = k_grouped_fp8_gemm_nt_contiguous(per_token_cast_to_fp8(a), per_token_cast_to_fp8(b), k_ends)
+    plain = k_grouped_gemm_nt_contiguous(a, b, k_ends)
+    lo = 0
+    for g, hi in enumerate(min(e, t) for e in ends):
+        ref = a[:, lo:hi] @ b[:, lo:hi].T if hi > lo else torch.zeros(m, n)
+        if hi > lo:
+            assert calc_diff(out[g], ref) < FP8_DIFF, g
+        else:
+            assert (out[g] == 0).all(), g
+        torch.testing.assert_close(plain[g], ref, rtol=1e-4, atol=1e-3)
+        lo = hi
+
+
+@needs_triton
+@pytest.mark.parametrize("ends", K_ENDS)
+def test_k_grouped_any_ranges_triton_matches_reference(ends):
+    a, b = per_token_cast_to_fp8(torch.randn(24, 384)), per_token_cast_to_fp8(torch.randn(40, 384))
+    out, ref = _both(k_grouped_fp8_gemm_nt_contiguous, a, b, torch.tensor(ends, dtype=torch.int32))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
 
 
 def test_compiles():

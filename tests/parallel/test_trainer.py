@@ -123,7 +123,7 @@ def test_cli_nproc_matches_single_process_and_resumes_with_another_world_size(wo
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count(f"checkpoints/step-{STEPS}") == 1  # only rank 0 reports
-    state = json.loads((run / "checkpoints" / f"step-{STEPS}" / "trainer_state.json").read_text())
+    state = json.loads((run / "checkpoints" / f"step-{STEPS}" / "trainer_state" / "trainer_state.json").read_text())
     assert state["parallel"]["world_size"] == 2 and state["parallel"]["ep"] == 2
     ref = _reference(workspace, "ref_cli", 2, run / "tokenizer.json")
     # the CLI evaluates 8 batches of 4 windows per rank, the reference 1 batch of 8: val differs

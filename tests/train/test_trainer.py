@@ -121,7 +121,8 @@ def test_checkpoints_past_the_shard_size_are_split_and_resume_exactly(tmp_path, 
     part = Trainer(_tc(tmp_path, corpus, "part", max_steps=2, **kw)).train()
     ckpt = latest_checkpoint(part.run_dir)
     assert len(list(ckpt.glob("model-*-of-*.safetensors"))) > 1 and (ckpt / "model.safetensors.index.json").is_file()
-    assert len(list(ckpt.glob("optimizer-*-of-*.safetensors"))) > 1 and not (ckpt / "optimizer.safetensors").exists()
+    state_dir = ckpt / "trainer_state"
+    assert len(list(state_dir.glob("optimizer-*-of-*.safetensors"))) > 1 and not (state_dir / "optimizer.safetensors").exists()
     Trainer(TrainConfig(out=str(part.run_dir), resume=True, max_steps=4, progress=False)).train()
     assert _losses(part.run_dir) == _losses(full.run_dir)
 
@@ -179,7 +180,7 @@ def test_fp8_flag_trains_in_fp8(tmp_path, corpus):
     # FP8 is how the run trained, not part of the architecture: the trainer state records it, the
     # model config does not, and the checkpoint loads (and serves) as a plain model
     ckpt = Path(result.run_dir) / "checkpoints" / "latest"
-    assert json.loads((ckpt / "trainer_state.json").read_text())["train_config"]["fp8"] is True
+    assert json.loads((ckpt / "trainer_state" / "trainer_state.json").read_text())["train_config"]["fp8"] is True
     assert "fp8" not in json.loads((ckpt / "config.json").read_text())
     assert type(leanmoe.from_pretrained(result.run_dir).model.layers[0].self_attn.o_proj) is torch.nn.Linear
 
