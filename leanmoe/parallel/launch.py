@@ -85,12 +85,16 @@ def relaunch(argv: list[str], nproc: int) -> int:
 def _run_torchrun(args: list[str]) -> int:
     """torchrun's `run` with its failure summary left out: the failing ranks have printed their
     own one-line errors. Returns the first failing rank's exit status (128 + signal if killed)."""
-    os.environ["LOGLEVEL"] = "CRITICAL"  # torch.distributed.elastic's loggers, set as they are created
+    import logging
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    os.environ.pop("LOGLEVEL")  # the workers keep their default
+    # torch.distributed.elastic's loggers set their own levels as they are created (LOGLEVEL)
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("torch.distributed") and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.CRITICAL)
     try:
         run(parse_args(args))
     except ChildFailedError as e:

@@ -90,7 +90,10 @@ def cmd_train(args) -> int:
         print(f"leanmoe train{where}: error: could not write the run: {what}; the checkpoints saved before are "
               "intact", file=sys.stderr)
         return 1
-    except torch_dist_error() as e:  # a peer froze or died: this rank gives up after --dist-timeout
+    except RuntimeError as e:
+        if not _peer_failure(e):
+            raise
+        # a peer froze or died: this rank gave up after --dist-timeout
         print(f"leanmoe train{where}: error: another process stopped answering ({str(e).splitlines()[0][:200]}); "
               f"gave up after --dist-timeout {args.dist_timeout:g} s; the last checkpoint is kept, continue with "
               "--resume", file=sys.stderr)
@@ -100,11 +103,17 @@ def cmd_train(args) -> int:
     return 130 if result.interrupted else 0
 
 
-def torch_dist_error() -> type[BaseException]:
-    """torch.distributed's error type (a collective timed out, a peer's connection closed)."""
+def _peer_failure(e: RuntimeError) -> bool:
+    """A collective of a distributed run that timed out or lost its peer (gloo and NCCL raise plain
+    RuntimeErrors or torch.distributed.DistError)."""
     import torch.distributed as dist
 
-    return getattr(dist, "DistError", RuntimeError)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+                            "Broken pipe", "NCCL communicator was aborted"))
 
 
 def cmd_cost(args) -> int:
