@@ -2,6 +2,7 @@
 
     info | train | cost         leanmoe.train.commands
     generate | chat | serve     leanmoe.infer.commands
+    eval                        leanmoe.infer.harness (lm-evaluation-harness)
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from leanmoe.infer.commands import register as register_infer
+    from leanmoe.infer.harness import register as register_eval
     from leanmoe.train.commands import register as register_train
 
     p = argparse.ArgumentParser(prog="leanmoe", description="Train and serve DeepSeek-V3-style MoE models.")
     sub = p.add_subparsers(dest="command", required=True)
     register_train(sub)  # info, train, cost
     register_infer(sub)  # generate, chat, serve
+    register_eval(sub)  # eval (lm-evaluation-harness)
     return p
 
 
