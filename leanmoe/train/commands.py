@@ -74,6 +74,8 @@ def cmd_train(args) -> int:
         save_interval=args.save_interval, keep_last=args.keep_last, seed=args.seed, device=args.device,
         dtype=args.dtype, compile=args.compile, resume=args.resume, mtp_weight=args.mtp_weight, fp8=args.fp8,
         price_per_hour=args.price_per_hour, gpu=args.gpu, progress=not args.quiet,
+        eval_tasks=[t for t in args.eval_tasks.split(",") if t] if args.eval_tasks else None,
+        eval_limit=args.eval_limit, eval_include_path=args.eval_include_path,
     )
     pc = ParallelConfig(ep=args.ep, activation_checkpointing=args.activation_checkpointing,
                         fp8_dispatch=args.fp8_dispatch, bf16_combine=args.bf16_combine,
@@ -172,6 +174,10 @@ def register(subparsers) -> None:
     tr.add_argument("--eval-interval", type=int)
     tr.add_argument("--save-interval", type=int)
     tr.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
+    tr.add_argument("--eval-tasks", help="lm-eval tasks to score the final checkpoint on, for report.md "
+                    "(e.g. hellaswag,arc_easy; needs pip install 'leanmoe[eval]')")
+    tr.add_argument("--eval-limit", type=float, help="documents per --eval-tasks task (a fraction if < 1)")
+    tr.add_argument("--eval-include-path", help="a folder of extra lm-eval task YAMLs")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps (default: cuda, else mps, else cpu)")
     tr.add_argument("--dtype", choices=["auto", "fp32", "bf16", "float32", "bfloat16"], default="auto",

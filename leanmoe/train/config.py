@@ -84,6 +84,9 @@ class TrainConfig:
     keep_last: int = 3
     log_interval: int = 1
     progress: bool = True
+    eval_tasks: list[str] | None = None  # lm-eval tasks scored on the final checkpoint for report.md
+    eval_limit: float | None = None  # documents per task (a fraction if < 1)
+    eval_include_path: str | None = None  # a folder of extra lm-eval task YAMLs
 
     # runtime
     seed: int = 0

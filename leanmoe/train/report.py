@@ -58,6 +58,7 @@ class RunSummary:
     peak_memory_gib: float | None = None  # CUDA: peak allocated on rank 0
     load_total: torch.Tensor | None = None  # [n_moe_layers, E] tokens per expert over the run
     last_eval: dict[str, Any] | None = None  # leanmoe.train.evaluate.evaluate() of the final step
+    harness: dict[str, dict[str, Any]] | None = None  # lm-eval's results[task][metric] (--eval-tasks)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -234,6 +235,14 @@ def write_report(run: RunSummary, run_dir: Path) -> Path:
     else:
         lines += ["No MoE layers in this model.", ""]
 
+    if run.harness:
+        lines += ["## Benchmarks (lm-evaluation-harness, final checkpoint)", "", "| task | metric | value |",
+                  "|---|---|---|"]
+        for task, metrics in sorted(run.harness.items()):
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and "stderr" not in key:
+                    lines.append(f"| {task} | {key.split(',')[0]} | {value:.4f} |")
+        lines.append("")
     if last_eval and last_eval.get("samples"):
         lines += ["## Samples (last validation)", ""]
         for s in last_eval["samples"]:

@@ -423,9 +423,22 @@ class Trainer:
                              tokens_per_second=float(np.median(tps_history)) if tps_history else 0.0,
                              checkpoint=s.last_ckpt, report=None, interrupted=interrupted)
         if s.step > 0 and self.world.is_rank0:
-            result.report = write_report(self.summary(result), self.run_dir)
+            summary = self.summary(result)
+            if self.tc.eval_tasks and s.last_ckpt is not None and not interrupted:
+                summary.harness = self._harness(s.last_ckpt)
+            result.report = write_report(summary, self.run_dir)
             self.display.say(f"done: {s.step} steps, {s.tokens:,} tokens in {fmt_eta(elapsed)}; report {result.report}")
         return result
+
+    def _harness(self, ckpt: Path) -> dict[str, Any]:
+        """lm-eval's results for --eval-tasks on the final checkpoint (read back from disk, so a
+        distributed run's full model is scored on rank 0)."""
+        from leanmoe.infer.harness import evaluate as harness_evaluate
+
+        self.display.say(f"lm-eval: {', '.join(self.tc.eval_tasks)} on {ckpt.name}")
+        res = harness_evaluate(ckpt, self.tc.eval_tasks, limit=self.tc.eval_limit,
+                               include_path=self.tc.eval_include_path, device=str(self.device))
+        return (res or {}).get("results", {})
 
     def summary(self, result: TrainResult) -> RunSummary:
         """The plain value report.md is written from."""

@@ -13,33 +13,12 @@ import torch
 from leanmoe.cli import main
 from leanmoe.infer import LLM
 from leanmoe.infer.harness import evaluate
+from tests.util import write_local_tasks
 
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tasks")
-    mc = [{"question": "The engine keeps a paged", "choices": [" cache", " river", " dog"], "answer": 0},
-          {"question": "Each block holds sixty-four", "choices": [" tokens", " trees"], "answer": 0},
-          {"question": "one two three four", "choices": [" five", " green"], "answer": 0}]
-    gen = [{"prompt": "one two three", "target": " four"}, {"prompt": "def fib(n):", "target": "\n"}]
-    text = [{"text": "Requests join and leave the running batch at every step."}]
-    for name, rows in (("mc", mc), ("gen", gen), ("text", text)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = "dataset_path: json\ntest_split: test\n"
-    (root / "ll.yaml").write_text(
-        f"task: leanmoe_ll\n{common}dataset_kwargs:\n  data_files:\n    test: {root / 'mc.jsonl'}\n"
-        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
-        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
-    (root / "gen.yaml").write_text(
-        f"task: leanmoe_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {root / 'gen.jsonl'}\n"
-        "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{target}}'\n"
-        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 6\n  do_sample: false\n"
-        "metric_list:\n  - metric: exact_match\n")
-    (root / "rolling.yaml").write_text(
-        f"task: leanmoe_rolling\n{common}dataset_kwargs:\n  data_files:\n    test: {root / 'text.jsonl'}\n"
-        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
-        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n")
-    return root
+    return write_local_tasks(tmp_path_factory.mktemp("tasks"))
 
 
 def test_lm_eval_runs_all_three_request_kinds(checkpoint, tasks):

@@ -263,3 +263,14 @@ def test_cli_end_to_end_and_error_exit(tmp_path, corpus):
     bad = subprocess.run(cmd[:-9] + ["--out", str(tmp_path / "cli2"), "--seq-len", "999", "--max-steps", "1"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 1 and "max_position_embeddings (128)" in bad.stderr
+
+
+def test_report_includes_an_lm_eval_benchmark_when_asked(tmp_path, corpus):
+    from tests.util import write_local_tasks
+
+    (tmp_path / "tasks").mkdir()
+    tasks = write_local_tasks(tmp_path / "tasks")
+    result = Trainer(_tc(tmp_path, corpus, max_steps=2, eval_interval=100, eval_tasks=["leanmoe_ll"],
+                         eval_include_path=str(tasks))).train()
+    report = (Path(result.run_dir) / "report.md").read_text()
+    assert "## Benchmarks (lm-evaluation-harness, final checkpoint)" in report and "| leanmoe_ll | acc |" in report
