@@ -30,16 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from leanmoe.config import ModelConfig
+from leanmoe.files import CheckpointError, fsync_dir, fsync_file, open_safetensors, read_json, safetensors_error, write_text
 from leanmoe.model.transformer import Transformer
 
 __all__ = ["save_pretrained", "from_pretrained", "resolve_checkpoint", "read_latest_pointer", "hf_state_dict",
            "hf_tensors", "load_hf_state_dict", "dequantize_fp8_blocks", "CheckpointReader", "ShardWriter",
-           "write_hf_folder", "CheckpointError", "verify_weights", "open_safetensors", "load_safetensors",
-           "read_json", "generation_config", "write_generation_config", "fsync_file", "fsync_dir", "fsync_tree"]
+           "write_hf_folder", "CheckpointError", "verify_weights", "generation_config", "write_generation_config"]
 
 _EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -48,100 +48,6 @@ _FP32_KEYS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # router s
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 GENERATION_CONFIG = "generation_config.json"
-
-
-# ---------------------------------------------------------------------------- damaged files
-class CheckpointError(ValueError):
-    """A checkpoint file is damaged or does not match its config. The message is one line that
-    names the file and what is wrong."""
-
-
-_SAFETENSORS_REASONS = {  # safetensors' terse reasons, said for a user
-    "header too small": "too short to hold a safetensors header (empty or truncated)",
-    "header too large": "its header length is impossibly large (corrupt, or not a safetensors file)",
-    "invalid header length": "its header length runs past the end of the file (truncated or corrupt)",
-    "file not fully covered": "its size does not match the tensors its header lists (truncated, or bytes appended)",
-    "invalid JSON in header": "its header is not valid JSON (corrupt, or not a safetensors file)",
-}
-
-
-def _safetensors_error(path: Path | str, e: BaseException) -> CheckpointError:
-    msg = str(e).removeprefix("Error while deserializing header: ")
-    reason = next((r for key, r in _SAFETENSORS_REASONS.items() if key in msg), msg)
-    return CheckpointError(f"{path}: damaged safetensors file: {reason}")
-
-
-@contextlib.contextmanager
-def open_safetensors(path: str | os.PathLike) -> Iterator[Any]:
-    """safe_open(path) whose damage (truncated file, corrupt header) is a one-line CheckpointError."""
-    try:
-        fh = safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError) as e:
-        raise _safetensors_error(path, e) from None
-    with fh:
-        yield fh
-
-
-def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """safetensors.torch.load_file, damage raised as CheckpointError."""
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise _safetensors_error(path, e) from None
-
-
-def read_json(path: Path, kind: type = dict) -> Any:
-    """A JSON file of the given top-level kind; CheckpointError naming the file otherwise."""
-    try:
-        obj = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}); the file is damaged") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-                              "the file is damaged or truncated") from None
-    if not isinstance(obj, kind):
-        raise CheckpointError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
-                              f"got {type(obj).__name__}")
-    return obj
-
-
-# ---------------------------------------------------------------------------- durable writes
-def fsync_file(path: str | os.PathLike) -> None:
-    """Flush a written file's data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Flush a folder's entries (a rename, a new file) to the disk. A no-op where folders cannot be
-    opened (Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on a folder
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: str | os.PathLike) -> None:
-    """fsync every file under `folder`, then its subfolders (deepest first), then `folder`: what a
-    rename of `folder` publishes is then on the disk."""
-    folder = Path(folder)
-    subdirs = []
-    for root, dirs, files in os.walk(folder):
-        for name in sorted(files):
-            fsync_file(Path(root) / name)
-        subdirs += [Path(root) / d for d in dirs]
-    for d in sorted(subdirs, key=lambda p: len(p.parts), reverse=True):
-        fsync_dir(d)
-    fsync_dir(folder)
 
 
 # ---------------------------------------------------------------------------- naming
@@ -239,7 +145,7 @@ def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 try:
                     t = fh.get_tensor(name)
                 except (SafetensorError, OSError) as e:
-                    raise _safetensors_error(f, e) from None
+                    raise safetensors_error(f, e) from None
                 yield name, t
 
 
@@ -249,7 +155,9 @@ def _header_shapes(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for f in _checkpoint_files(path):
         with open_safetensors(f) as fh:
             for name in fh.keys():
-                yield name, torch.empty(fh.get_slice(name).get_shape(), device="meta")
+                sl = fh.get_slice(name)  # dtype "F32", "BF16", "F8_E4M3", "I64", ...: only float vs not matters here
+                dtype = torch.float32 if sl.get_dtype().startswith(("F", "BF")) else torch.int64
+                yield name, torch.empty(sl.get_shape(), dtype=dtype, device="meta")
 
 
 def verify_weights(path: str | os.PathLike, cfg: ModelConfig) -> None:
@@ -433,7 +341,7 @@ class ShardWriter:
         if n > 1 and self.index_name:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {t: fname for (_, tensors), fname in zip(self._parts, names) for t in tensors}}
-            _write_text(self.folder / self.index_name, json.dumps(index, indent=2) + "\n")
+            write_text(self.folder / self.index_name, json.dumps(index, indent=2) + "\n")
             written.add(self.index_name)
         return written
 
@@ -462,7 +370,7 @@ def generation_config(cfg: ModelConfig, tokenizer=None) -> dict[str, Any]:
 
 
 def write_generation_config(folder: str | os.PathLike, cfg: ModelConfig, tokenizer=None) -> None:
-    _write_text(Path(folder) / GENERATION_CONFIG, json.dumps(generation_config(cfg, tokenizer), indent=2) + "\n")
+    write_text(Path(folder) / GENERATION_CONFIG, json.dumps(generation_config(cfg, tokenizer), indent=2) + "\n")
 
 
 def write_hf_folder(path: str | os.PathLike, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
@@ -478,7 +386,7 @@ def write_hf_folder(path: str | os.PathLike, cfg: ModelConfig, tensors: Iterable
     written = writer.close()
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = str(dtype or writer.first_dtype or torch.float32).removeprefix("torch.")
-    _write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
+    write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
     write_generation_config(path, cfg)
     for stale in list(path.glob("model*.safetensors")) + [path / INDEX_NAME]:
         if stale.name not in written and stale.exists():
@@ -499,15 +407,6 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
     tensors = hf_state_dict(model, dtype)
     return write_hf_folder(path, model.config, ((n, tensors[n]) for n in sorted(tensors, key=_natural_key)),
                            max_shard_size, dtype)
-
-
-def _write_text(p: Path, text: str) -> None:
-    tmp = p.with_name(f".{p.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
 
 
 def _natural_key(name: str) -> list:

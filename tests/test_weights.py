@@ -233,3 +233,137 @@ def test_checkpoint_reader_reads_one_tensor_from_shards_and_dequantises(tmp_path
     save_file({"a.weight": q, "a.weight_scale_inv": s}, str(tmp_path / "model.safetensors"))
     with CheckpointReader(tmp_path) as reader:
         torch.testing.assert_close(reader.get("a.weight"), dequantize_fp8_blocks(q, s), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- damaged checkpoints
+# Each damage: (what to do to a saved folder, text the one-line error must hold besides the file).
+# Every loader must answer with a ValueError / FileNotFoundError (what the CLI prints as one line
+# and exits 2 on), never a traceback from safetensors, json or torch.
+def _set_config(**fields):
+    def damage(folder):
+        d = json.loads((folder / "config.json").read_text())
+        d.update(fields)
+        (folder / "config.json").write_text(json.dumps(d))
+    return damage
+
+
+def _write(name, data):
+    return lambda folder: (folder / name).write_bytes(data(folder / name) if callable(data) else data)
+
+
+def _header_len(path):
+    return int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def _retensor(name, t):
+    def damage(folder):
+        tensors = load_file(folder / "model.safetensors")
+        tensors[name] = t
+        save_file(tensors, str(folder / "model.safetensors"))
+    return damage
+
+
+def _shard(folder):
+    return sorted(folder.glob("model-*-of-*.safetensors"))[1]
+
+
+DAMAGES = {  # name: (sharded?, damage, file named, what the message says)
+    "weights_empty": (False, _write("model.safetensors", b""), "model.safetensors", "too short"),
+    "weights_truncated": (False, _write("model.safetensors", lambda p: p.read_bytes()[: p.stat().st_size // 2]),
+                          "model.safetensors", "does not match the tensors"),
+    "weights_bytes_appended": (False, _write("model.safetensors", lambda p: p.read_bytes() + b"junk"),
+                               "model.safetensors", "does not match the tensors"),
+    "weights_header_too_large": (False, _write("model.safetensors", lambda p: (2**62).to_bytes(8, "little")
+                                               + p.read_bytes()[8:]), "model.safetensors", "impossibly large"),
+    "weights_header_past_end": (False, _write("model.safetensors", lambda p: p.stat().st_size.to_bytes(8, "little")
+                                              + p.read_bytes()[8:]), "model.safetensors", "past the end"),
+    "weights_header_garbage": (False, _write("model.safetensors", lambda p: p.read_bytes()[:8] + b"{" * _header_len(p)
+                                             + p.read_bytes()[8 + _header_len(p):]),
+                               "model.safetensors", "not valid JSON"),
+    "weights_not_safetensors": (False, _write("model.safetensors", b"version https://git-lfs.github.com/spec/v1\n"),
+                                "model.safetensors", "damaged safetensors file"),
+    "weights_wrong_shape": (False, _retensor("model.norm.weight", torch.ones(31)), "model.norm.weight",
+                            "has shape [31]"),
+    "weights_integer_tensor": (False, _retensor("model.norm.weight", torch.ones(32, dtype=torch.int32)),
+                               "model.norm.weight", "not floating point"),
+    "index_not_json": (True, _write("model.safetensors.index.json", b'{"weight_map": {"a'),
+                       "model.safetensors.index.json", "not valid JSON"),
+    "index_a_list": (True, _write("model.safetensors.index.json", b"[]"), "model.safetensors.index.json",
+                     "JSON object"),
+    "index_without_weight_map": (True, _write("model.safetensors.index.json", b'{"metadata": {}}'),
+                                 "model.safetensors.index.json", "weight_map"),
+    "index_names_a_missing_shard": (True, lambda f: _shard(f).unlink(), "model.safetensors.index.json",
+                                    "do not exist"),
+    "shard_truncated": (True, lambda f: _shard(f).write_bytes(_shard(f).read_bytes()[:-100]), "-of-",
+                        "does not match the tensors"),
+    "config_a_list": (False, _write("config.json", b"[1, 2]"), "config.json", "JSON object"),
+    "config_not_json": (False, _write("config.json", b'{"vocab_size": 97,'), "config.json", "not valid JSON"),
+    "config_empty": (False, _write("config.json", b""), "config.json", "not valid JSON"),
+    "config_binary": (False, _write("config.json", b"\xff\xfe\x00\x81" * 8), "config.json", "not UTF-8"),
+    "config_vocab_size_string": (False, _set_config(vocab_size="abc"), "config.json",
+                                 "vocab_size must be an integer, got 'abc'"),
+    "config_rope_theta_string": (False, _set_config(rope_theta="x"), "config.json", "rope_theta must be a finite"),
+    "config_hidden_size_1e12": (False, _set_config(hidden_size=1e12), "config.json", "hidden_size=1000000000000"),
+    "config_hidden_size_fraction": (False, _set_config(hidden_size=32.5), "config.json",
+                                    "hidden_size must be an integer"),
+    "config_layers_negative": (False, _set_config(num_hidden_layers=-1), "config.json", "num_hidden_layers must be"),
+    "config_bool_as_string": (False, _set_config(tie_word_embeddings="false"), "config.json",
+                              "tie_word_embeddings must be true or false"),
+    "config_rope_scaling_string": (False, _set_config(rope_scaling="yarn"), "config.json", "rope_scaling must be"),
+    "config_sizes_too_large_together": (False, _set_config(hidden_size=2**16, moe_intermediate_size=2**20,
+                                                           n_routed_experts=2**16, n_group=1, topk_group=1),
+                                        "config.json", "parameters"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("intact")
+    model = Transformer(micro_config())
+    leanmoe.save_pretrained(model, root / "single")
+    leanmoe.save_pretrained(model, root / "sharded", max_shard_size="20KB")
+    return root
+
+
+def _damaged(saved_folders, tmp_path, kind):
+    import shutil
+
+    sharded, damage, _, _ = DAMAGES[kind]
+    folder = tmp_path / kind
+    shutil.copytree(saved_folders / ("sharded" if sharded else "single"), folder)
+    damage(folder)
+    return folder
+
+
+def _load_with(loader, folder):
+    if loader == "from_pretrained":
+        return leanmoe.from_pretrained(folder)
+    from leanmoe.infer import LLM
+
+    return LLM(folder, device="cpu")
+
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "LLM"])
+@pytest.mark.parametrize("kind", sorted(DAMAGES))
+def test_damaged_checkpoint_is_a_one_line_error(saved_folders, tmp_path, kind, loader):
+    folder = _damaged(saved_folders, tmp_path, kind)
+    _, _, names, says = DAMAGES[kind]
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        _load_with(loader, folder)
+    msg = str(e.value)
+    assert "\n" not in msg and names in msg and says in msg, msg
+    assert str(folder) in msg, msg  # the path, so a user knows which checkpoint
+
+
+@pytest.mark.parametrize("kind", ["weights_truncated", "config_vocab_size_string"])
+def test_cli_generate_on_a_damaged_checkpoint_exits_2_with_one_line(saved_folders, tmp_path, kind):
+    import subprocess
+    import sys
+
+    folder = _damaged(saved_folders, tmp_path, kind)
+    done = subprocess.run([sys.executable, "-m", "leanmoe", "generate", str(folder), "hello", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    err = done.stderr.strip()
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("leanmoe generate: error: ") and DAMAGES[kind][3] in err, err

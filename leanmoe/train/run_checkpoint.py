@@ -48,8 +48,8 @@ import torch
 from safetensors.torch import save_file
 
 from leanmoe.config import ConfigError, ModelConfig
-from leanmoe.weights import (CheckpointError, ShardWriter, fsync_dir, fsync_tree, iter_checkpoint_tensors,
-                             load_hf_state_dict, load_safetensors, open_safetensors, read_json, read_latest_pointer,
+from leanmoe.files import CheckpointError, fsync_dir, fsync_tree, load_safetensors, open_safetensors, read_json
+from leanmoe.weights import (ShardWriter, iter_checkpoint_tensors, load_hf_state_dict, read_latest_pointer,
                              save_pretrained, verify_weights, write_generation_config, write_hf_folder)
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "latest_intact_checkpoint", "list_checkpoints",
