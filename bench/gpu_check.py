@@ -141,6 +141,69 @@ def grouped_fp8(dev, counts_list, n, k):
 
 
 @guarded
+def unaligned_grouped(dev, counts, n, k):
+    """The layouts DeepGEMM requires aligned, which leanmoe's kernels run too: groups packed with
+    no padding (a 128-row tile holds several groups; K ranges start mid-tile), against the
+    reference (the two once disagreed: zeros for shared tiles, a neighbour's scale mid-tile)."""
+    g = len(counts)
+    offs = torch.tensor(counts, device=dev).cumsum(0).to(torch.int32)
+    m_indices = torch.repeat_interleave(torch.arange(g, device=dev), torch.tensor(counts, device=dev)).to(torch.int32)
+    m = m_indices.shape[0]
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(g, n, k, device=dev, dtype=torch.bfloat16)
+    qx, qw = per_token_cast_to_fp8_reference(x), per_block_cast_to_fp8_reference(w)
+    out = m_grouped_fp8_gemm_nt_contiguous(qx, qw, m_indices)
+    ref = fp8_gemm._reference(fp8_gemm._M_CONTIGUOUS, qx[0], qx[1], qw[0], qw[1], m_indices, 1, torch.float32)
+    _close_to_reference(f"m_grouped_fp8_contiguous unpadded counts={counts}", out, ref)
+    outb = m_grouped_bf16_gemm_nt_contiguous(x, w, m_indices)
+    d = calc_diff(outb, torch.einsum("mk,mnk->mn", x.float(), w.float()[m_indices.long()]))
+    check(f"m_grouped_bf16_contiguous unpadded counts={counts}", d < 1e-5, f"calc_diff {d:.2e} (< 1e-5)")
+    dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    qdy_t, qx_t = per_token_cast_to_fp8_reference(dy.t()), per_token_cast_to_fp8_reference(x.t())
+    dw = k_grouped_fp8_gemm_nt_contiguous(qdy_t, qx_t, offs)
+    ref = fp8_gemm._reference(fp8_gemm._K_GROUPED, qdy_t[0], qdy_t[1], qx_t[0], qx_t[1], offs, g, torch.float32)
+    _close_to_reference(f"k_grouped_fp8 (wgrad) unpadded counts={counts}", dw, ref)
+
+
+@guarded
+def faces(dev, m, n, k):
+    """leanmoe.kernels.deep_gemm and .flash_mla: DeepGEMM's and FlashMLA's calling conventions."""
+    from leanmoe.kernels import deep_gemm, flash_mla
+
+    a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+    c = torch.randn(m, n, device=dev) * 32
+    d = c.clone()
+    deep_gemm.fp8_gemm_nt(deep_gemm.per_token_cast_to_fp8(a, use_ue8m0=False),
+                          deep_gemm.per_block_cast_to_fp8(b, use_ue8m0=False), d, c=d)
+    dd = calc_diff(d, c + a.float() @ b.float().T)
+    check(f"deep_gemm.fp8_gemm_nt d = c + a b^T {m}x{n}x{k}", dd < 1e-3, f"calc_diff {dd:.2e} (< 1e-3)")
+    ks = [256, 0, 384, 128]
+    x, y = torch.randn(sum(ks), m, device=dev, dtype=torch.bfloat16), torch.randn(sum(ks), n, device=dev,
+                                                                                   dtype=torch.bfloat16)
+    d = torch.randn(len(ks), m, n, device=dev) * 32  # accumulated into, as DeepGEMM's test does
+    ends = torch.tensor(ks).cumsum(0).tolist()
+    ref = d + torch.stack([x[e - s:e].float().T @ y[e - s:e].float() for s, e in zip(ks, ends)])
+    deep_gemm.k_grouped_fp8_gemm_tn_contiguous(deep_gemm.per_channel_cast_to_fp8(x, use_ue8m0=False),
+                                               deep_gemm.per_channel_cast_to_fp8(y, use_ue8m0=False), d, ks,
+                                               torch.tensor(ks, device=dev, dtype=torch.int32), d)
+    dd = calc_diff(d, ref)
+    check(f"deep_gemm.k_grouped_fp8_gemm_tn_contiguous ks={ks}", dd < 1e-3, f"calc_diff {dd:.2e} (< 1e-3)")
+    seqlens = torch.tensor([0, 70, 200], device=dev, dtype=torch.int32)
+    kv = torch.randn(12, 64, 1, 576, device=dev, dtype=torch.bfloat16)
+    table = torch.randperm(12, device=dev)[:12].view(3, 4).to(torch.int32)
+    q = torch.randn(3, 2, 16, 576, device=dev, dtype=torch.bfloat16)
+    meta, splits = flash_mla.get_mla_metadata()
+    out, lse = flash_mla.flash_mla_with_kvcache(q, kv, table, seqlens, 512, meta, splits, causal=True)
+    ref, ref_lse = mla_decode_reference(q, kv, table, seqlens, 512, causal=True)
+    empty_ok = bool((lse[0] == float("inf")).all() and (out[0] == 0).all())
+    ok = empty_ok and torch.allclose(lse[1:], ref_lse[1:], atol=1e-2)
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    check("flash_mla.flash_mla_with_kvcache (empty sequence: out 0, lse +inf)", ok and err < 1e-2,
+          f"rel err {err:.2e} (< 1e-2)")
+
+
+@guarded
 def masked_fp8(dev, g, m, n, k):
     a = torch.randn(g, m, k, device=dev, dtype=torch.bfloat16)
     w = torch.randn(g, n, k, device=dev, dtype=torch.bfloat16)
@@ -269,7 +332,9 @@ def main() -> None:
               + [(129, 130, 257)] if big else [(3, 130, 257), (64, 256, 384)])
     grouped_fp8(dev, [[0, 5, 300, 128, 77], [1000, 3000, 0, 4096]] if big else [[0, 5, 130]],
                 *((4096, 7168) if big else (256, 256)))
+    unaligned_grouped(dev, [0, 5, 300, 128, 77] if big else [5, 0, 140, 7], *((4096, 7168) if big else (96, 256)))
     masked_fp8(dev, *((8, 256, 4096, 7168) if big else (3, 32, 256, 256)))
+    faces(dev, *((4096, 7168, 2048) if big else (40, 96, 256)))
     grouped_bf16(dev, [0, 5, 300, 128, 77] if big else [0, 5, 40], *((1024, 2048) if big else (64, 96)))
     bf = torch.bfloat16 if big else torch.float32
     mla(dev, [(b, s_q, h_q, 576, 512, bs, n, causal, bf) for b, h_q, bs, n in

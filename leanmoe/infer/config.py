@@ -23,7 +23,8 @@ class EngineConfig:
     max_num_seqs: most sequences in the running batch.
     max_num_batched_tokens: token budget of one step (prompt tokens of a prefill step; 1 or 2 per
         sequence in a decode step). At least `max_model_len`, so any admissible prompt fits a step.
-    max_model_len: longest sequence (prompt + output); None = the model's max_position_embeddings.
+    max_model_len: longest sequence (prompt + output); None = the model's max_position_embeddings,
+        or less when one sequence's cache would not fit in `max_cache_bytes`.
     enable_prefix_caching: share full cache blocks between requests with the same prompt prefix.
     speculative: draft with the checkpoint's first MTP module and verify in the next step
         (`None`: whenever the model has one).
@@ -53,8 +54,24 @@ class EngineConfig:
             raise ValueError(f"EngineConfig: block_size must be positive, got {c.block_size}")
         if c.max_num_seqs <= 0:
             raise ValueError(f"EngineConfig: max_num_seqs must be positive, got {c.max_num_seqs}")
+        if c.cache_dtype == "auto":
+            c.cache_dtype = None  # follows the weights
+        for name in ("dtype", "cache_dtype"):
+            v = getattr(c, name)
+            if v is not None:
+                try:
+                    setattr(c, name, dtype_name(v))
+                except ValueError as e:
+                    raise ValueError(f"EngineConfig: {name}={v!r}; {str(e).split(': ', 1)[1]}") from None
+        if c.cache_dtype is None:
+            c.cache_dtype = c.dtype
+        n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+        elem = torch.empty(0, dtype=torch_dtype(c.cache_dtype)).element_size()
+        block_bytes = n_layers * c.block_size * cfg.latent_dim * elem
         if c.max_model_len is None:
-            c.max_model_len = cfg.max_position_embeddings
+            # the model's context, but no longer than one sequence's cache fits in max_cache_bytes
+            fits = max(1, c.max_cache_bytes // block_bytes) * c.block_size
+            c.max_model_len = max(2, min(cfg.max_position_embeddings, fits))
         if not 2 <= c.max_model_len <= cfg.max_position_embeddings:
             raise ValueError(f"EngineConfig: max_model_len={c.max_model_len} must be in [2, max_position_embeddings="
                              f"{cfg.max_position_embeddings}]")
@@ -68,22 +85,8 @@ class EngineConfig:
         if c.speculative and not has_mtp:
             raise ValueError("EngineConfig: speculative=True needs a model with MTP modules "
                              "(num_nextn_predict_layers > 0)")
-        if c.cache_dtype == "auto":
-            c.cache_dtype = None  # follows the weights
-        for name in ("dtype", "cache_dtype"):
-            v = getattr(c, name)
-            if v is not None:
-                try:
-                    setattr(c, name, dtype_name(v))
-                except ValueError as e:
-                    raise ValueError(f"EngineConfig: {name}={v!r}; {str(e).split(': ', 1)[1]}") from None
-        if c.cache_dtype is None:
-            c.cache_dtype = c.dtype
         blocks_per_seq = -(-c.max_model_len // c.block_size)
         if c.num_blocks is None:
-            n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-            elem = torch.empty(0, dtype=torch_dtype(c.cache_dtype)).element_size()
-            block_bytes = n_layers * c.block_size * cfg.latent_dim * elem
             c.num_blocks = max(blocks_per_seq, min(c.max_num_seqs * blocks_per_seq, c.max_cache_bytes // block_bytes))
         if c.num_blocks < blocks_per_seq:
             raise ValueError(f"EngineConfig: num_blocks={c.num_blocks} cannot hold one sequence of max_model_len="

@@ -277,13 +277,20 @@ class ProgressDisplay:
     and ETA, and the validation lines with samples. Silent when `enabled` is False (--quiet, or
     ranks other than 0)."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, rank0: bool = True):
+        self.enabled, self.rank0 = enabled, rank0
         self.bar = None
 
     def say(self, msg: str) -> None:
         if self.enabled:
             print(f"[leanmoe] {msg}", flush=True)
+
+    def warn(self, msg: str) -> None:
+        """Something the user must see even with --quiet (stderr, rank 0 only)."""
+        if self.rank0:
+            import sys
+
+            print(f"[leanmoe] warning: {msg}", file=sys.stderr, flush=True)
 
     def open(self) -> None:
         if self.enabled:

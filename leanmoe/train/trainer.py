@@ -110,10 +110,10 @@ class Trainer:
         except ValueError as e:
             raise TrainingError(str(e)) from e
         self.device = world.device
-        self.display.enabled = tc.progress and world.is_rank0
+        self.display.enabled, self.display.rank0 = tc.progress and world.is_rank0, world.is_rank0
         self.run_dir = run_dir = Path(world.rank0_value(
             lambda: str(self._choose_run_dir()), TrainingError("rank 0 could not use the run folder (its error is above)")))
-        ckpt = latest_intact_checkpoint(run_dir, self.display.say) if tc.resume else None
+        ckpt = latest_intact_checkpoint(run_dir, self.display.warn) if tc.resume else None
         saved_parallel: dict[str, Any] = {}
         if tc.resume:
             if ckpt is None:
@@ -138,11 +138,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
         self.loader = TokenLoader(self.shards.train, tc.micro_batch_size, tc.seq_len, seed=tc.seed, rank=world.rank,
                                   world_size=world.size)
-        self.state = RunState()
+        self.state = RunState(last_ckpt=ckpt)
         if ckpt is not None:
             saved = load_checkpoint(ckpt, self.model, self.optimizer)
             self.loader.load_state_dict(saved["loader"])
-            self.state = RunState(step=saved["step"], tokens=saved["tokens"], elapsed=saved["elapsed"],
+            self.state = RunState(step=saved["step"], tokens=saved["tokens"], elapsed=saved["elapsed"], last_ckpt=ckpt,
                                   load_total=torch.tensor(saved["expert_load"]) if saved.get("expert_load") else None)
             if world.is_rank0:
                 truncate_metrics(run_dir, saved["step"])
@@ -282,7 +282,6 @@ class Trainer:
         # rank 0's clock, so every rank stops and schedules alike
         clock = lambda: world.broadcast_float(elapsed0 + time.perf_counter() - t_start)  # noqa: E731
         metrics = open(self.run_dir / "metrics.jsonl", "a") if world.is_rank0 else None
-        s.last_ckpt = latest_checkpoint(self.run_dir)
         self._announce()
         self.display.open()
         interrupted = stopping = False

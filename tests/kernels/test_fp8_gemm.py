@@ -21,15 +21,6 @@ BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
 FP8_DIFF = 1e-3
 
 
-@pytest.fixture
-def backend(request, monkeypatch):
-    if request.param == "triton":
-        monkeypatch.setenv("LEANMOE_TRITON_INTERPRET", "1")
-    else:
-        monkeypatch.delenv("LEANMOE_TRITON_INTERPRET", raising=False)
-    return request.param
-
-
 def _both(fn, *args, **kwargs):
     """(Triton result, reference result) of one dispatch call."""
     mp = pytest.MonkeyPatch()
