@@ -2,7 +2,7 @@
 
     leanmoe generate CHECKPOINT "prompt"      stream a completion to the terminal
     leanmoe chat CHECKPOINT                   interactive chat with the tokenizer's chat template
-    leanmoe serve CHECKPOINT [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    leanmoe serve CHECKPOINT [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-choices 256]
 
 CHECKPOINT is a training run folder (its latest checkpoint and tokenizer) or an HF-layout folder
 holding a tokenizer.json. `register(subparsers)` adds the three commands to leanmoe's CLI.
@@ -17,7 +17,9 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-__all__ = ["register", "load_llm", "generate_to", "chat_loop"]
+__all__ = ["register", "load_llm", "generate_to", "chat_loop", "api_key_from"]
+
+API_KEY_ENV = "LEANMOE_API_KEY"
 
 
 def load_llm(args: argparse.Namespace):
@@ -126,19 +128,42 @@ def _readline_or_eof() -> str:
     return line.rstrip("\n")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from leanmoe.infer.server import serve
+def api_key_from(flag: str | None, environ: dict[str, str] | None = None) -> str | None:
+    """The key the server requires: --api-key, else $LEANMOE_API_KEY, else None (no auth).
+    An empty or blank one, from either, is a ValueError: it would let anyone in (an empty bearer
+    token matches it) while looking like a key was set."""
+    environ = os.environ if environ is None else environ
+    if flag is not None:
+        if not flag.strip():
+            raise ValueError("--api-key is empty; pass a key, or leave the flag out to serve without one")
+        return flag
+    key = environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise ValueError(f"{API_KEY_ENV} is set but empty; set it to a key, or unset it to serve without one")
+    return key
 
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        print(f"leanmoe serve: error: serving needs the 'serve' extra ({e.name or 'fastapi'} is missing): "
+              "pip install 'leanmoe[serve]'", file=sys.stderr)
+        return 2
+    from leanmoe.infer import server
+
+    api_key = api_key_from(args.api_key)
+    limits = server.ServerLimits(**({} if args.max_choices is None else {"max_choices": args.max_choices}))
     options = dict(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
                    num_blocks=args.num_blocks, max_model_len=args.max_model_len)
     if args.no_speculative:
         options["speculative"] = False
-    api_key = args.api_key or os.environ.get("LEANMOE_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        print(f"leanmoe serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+        print(f"leanmoe serve: warning: listening on {args.host} without an API key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
-    serve(args.checkpoint, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
-          **{k: v for k, v in options.items() if v is not None})
+    server.serve(args.checkpoint, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
+                 limits=limits, **{k: v for k, v in options.items() if v is not None})
     return 0
 
 
@@ -182,10 +207,19 @@ def register(subparsers) -> None:
     _sampling_args(chat, max_tokens=512)
     chat.set_defaults(func=cmd_chat)
 
-    srv = subparsers.add_parser("serve", help="serve an OpenAI-compatible API over HTTP")
+    srv = subparsers.add_parser(
+        "serve", help="serve an OpenAI-compatible API over HTTP",
+        description="Serve /v1/completions, /v1/chat/completions, /v1/models and /health over HTTP "
+                    "(needs: pip install 'leanmoe[serve]').",
+        epilog=f"API key: --api-key KEY, or the environment variable {API_KEY_ENV} (the flag wins; the variable "
+               "keeps the key out of the process list). With neither, /v1/* needs no key. An empty key, from "
+               "either, is an error.")
     _engine_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LEANMOE_API_KEY, else none)")
+    srv.add_argument("--api-key", metavar="KEY",
+                     help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else no key)")
     srv.add_argument("--model-name", help="the model id clients pass (default: the checkpoint folder's name)")
+    srv.add_argument("--max-choices", type=int, metavar="N",
+                     help="most choices one request may ask for, prompts x n (default 256)")
     srv.set_defaults(func=cmd_serve)

@@ -1,4 +1,5 @@
-"""OpenAI API response bodies: completions and chat completions, whole or as server-sent events.
+"""OpenAI API response bodies: completions and chat completions, whole or as server-sent events,
+and errors (`APIError`, whose body is `error_body`).
 
 The two endpoints differ only in names and in how a choice carries its text; one request path in
 leanmoe.infer.server drives either through the same four calls: `head` (chunks sent before any
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from leanmoe.infer.engine import RequestOutput
     from leanmoe.infer.sequence import Sequence
 
-__all__ = ["Responses", "CompletionResponses", "ChatResponses", "error_body", "sse", "SSE_DONE"]
+__all__ = ["Responses", "CompletionResponses", "ChatResponses", "APIError", "error_body", "sse", "SSE_DONE"]
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -30,6 +31,21 @@ def sse(obj: Any) -> str:
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """OpenAI's error body, as an HTTP answer or as the last event of a broken stream."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's body: status, message, type, param, code (and extra headers)."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = dict(headers or {})
+        if status == 401:
+            self.headers.setdefault("WWW-Authenticate", "Bearer")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
 
 
 def finish_reason(out: RequestOutput) -> str | None:

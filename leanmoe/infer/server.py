@@ -4,23 +4,25 @@
     serve("runs/tiny", host="127.0.0.1", port=8000)              # what `leanmoe serve` runs
 
 FastAPI on uvicorn. The engine runs on its own thread (leanmoe.infer.async_engine); handlers only
-validate, tokenise and relay outputs, so the event loop never waits on the model. Streaming
-answers are server-sent events ending in `data: [DONE]`. Every failure a client can cause is a
-4xx with OpenAI's error body {"error": {"message", "type", "param", "code"}}; a client that goes
-away (mid-stream or while waiting for a full answer) has its request aborted and its cache
-blocks freed.
+validate, tokenise and relay outputs, so the event loop never waits on the model, and a large
+body is parsed and tokenised on a worker thread, so it never waits on another client's input
+either (leanmoe.infer.limits, which also caps what one request may ask for). Streaming answers
+are server-sent events ending in `data: [DONE]`. Every failure a client can cause is a 4xx with
+OpenAI's error body {"error": {"message", "type", "param", "code"}}; a client that goes away
+(mid-stream or while waiting for a full answer) has its request aborted and its cache blocks
+freed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
-import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -32,30 +34,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from leanmoe.infer.async_engine import AsyncEngine, EngineDeadError
 from leanmoe.infer.engine import LLM, RequestOutput
+from leanmoe.infer.limits import (Offload, ServerLimits, check_choices, check_counts, context_error,
+                                  longest_token_bytes, min_tokens, parse_json)
 from leanmoe.infer.protocol import ChatCompletionRequest, CompletionRequest, UnsupportedParameter
-from leanmoe.infer.responses import SSE_DONE, ChatResponses, CompletionResponses, Responses, error_body, sse
+from leanmoe.infer.responses import (SSE_DONE, APIError, ChatResponses, CompletionResponses, Responses, error_body,
+                                     sse)
 from leanmoe.infer.sampling_params import SamplingParams
 from leanmoe.infer.sequence import Sequence
 
-__all__ = ["create_app", "serve", "APIError"]
+__all__ = ["create_app", "serve", "APIError", "ServerLimits"]
 
 log = logging.getLogger("leanmoe.infer.server")
-MAX_BODY_BYTES = 8 * 2**20
 DISCONNECT_POLL_S = 0.25
 
 
-class APIError(Exception):
-    """An error answered with OpenAI's body: status, message, type, param, code."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def response(self) -> JSONResponse:
-        body = error_body(self.message, self.type, self.param, self.code)
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers or None)
 
 
 def _validation_message(e: ValidationError) -> tuple[str, str | None]:
@@ -66,32 +60,22 @@ def _validation_message(e: ValidationError) -> tuple[str, str | None]:
     return f"invalid value for '{'.'.join(loc)}': {err.get('msg')}", loc[0]
 
 
-async def _parse(request: Request, model: type) -> Any:
+async def _read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(413, f"request body larger than {max_bytes} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():  # counted as it arrives: a chunked upload has no length
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        if size > max_bytes:
+            raise APIError(413, f"request body larger than {max_bytes} bytes")
         chunks.append(chunk)
-    raw = b"".join(chunks)
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the body must be a JSON object")
-    try:
-        req = model.model_validate(data)
-        req.check_supported()
-    except ValidationError as e:
-        message, param = _validation_message(e)
-        raise APIError(400, message, param=param) from None
-    except UnsupportedParameter as e:
-        raise APIError(400, str(e), param=e.param) from None
-    return req
+    return b"".join(chunks)
+
+
+def _check_api_key(api_key: str | None) -> None:
+    if api_key is not None and not api_key.strip():  # an empty bearer token would match it
+        raise ValueError("api_key is empty; pass a key, or None to serve without one")
 
 
 class BearerAuth:
@@ -107,8 +91,8 @@ class BearerAuth:
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                response = APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer KEY'.",
-                                    code="invalid_api_key").response()
+                response = error_response(APIError(401, "Incorrect API key provided. Pass it as "
+                                                   "'Authorization: Bearer KEY'.", code="invalid_api_key"))
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -117,23 +101,65 @@ class BearerAuth:
 class _Handler:
     """The request logic, separate from routing so it reads top to bottom."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: AsyncEngine, model_name: str, limits: ServerLimits):
         self.engine = engine
         self.llm: LLM = engine.llm
         self.model_name = model_name
         self.created = int(time.time())
+        self.limits = limits
+        self.offload = Offload(limits)
+        tok = self.llm.tokenizer
+        self.longest_token = longest_token_bytes(tok)  # for the length check before tokenising
+        self.tokens_per_message = 2 if hasattr(tok, "encode_chat") else 0  # <|role|> ... <|end|>
 
     # ------------------------------------------------------------------ building requests
+    async def prepare(self, request: Request, model: type, build: Callable[[Any], list[Sequence]]
+                      ) -> tuple[Any, list[Sequence]]:
+        """Read, validate and tokenise a request: (the request, its sequences). On the loop only
+        when the body is small (limits.Offload)."""
+        raw = await _read_body(request, self.limits.max_body_bytes)
+        size = len(raw)
+        req = await self.offload.run(self.decode, raw, model, cost=size)
+        del raw
+        return req, await self.offload.run(build, req, cost=size * req.n)  # each choice copies its prompt
+
+    def decode(self, raw: bytes, model: type) -> Any:
+        data = parse_json(raw, self.limits.max_json_containers)
+        check_counts(data, self.limits, self.llm.max_model_len, self.tokens_per_message)
+        try:
+            req = model.model_validate(data)
+            req.check_supported()
+        except ValidationError as e:
+            message, param = _validation_message(e)
+            raise APIError(400, message, param=param) from None
+        except UnsupportedParameter as e:
+            raise APIError(400, str(e), param=e.param) from None
+        return req
+
     def _check_model(self, name: str) -> None:
         if name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
+            shown = name if len(name) <= 200 else name[:200] + "..."
+            raise APIError(404, f"The model `{shown}` does not exist; this server serves `{self.model_name}`.",
                            param="model", code="model_not_found")
+
+    def _check_fits(self, chars: int, least_tokens: int, param: str) -> None:
+        """Refuse, before tokenising, text that certainly cannot fit the context."""
+        least = least_tokens + min_tokens(chars, self.longest_token)
+        if least >= self.llm.max_model_len:
+            raise context_error(self.llm.max_model_len, f"your prompt has at least {least} tokens ({chars} "
+                                "characters)", param)
 
     def _sequences(self, prompts: list[str | list[int]], req: Any, extra_stop_ids: list[int], prompt_param: str
                    ) -> list[Sequence]:
         """req.n sequences per prompt (choice index = prompt index * n + j), validated."""
         llm = self.llm
         limit = llm.max_model_len
+        check_choices(len(prompts), req.n, self.limits)
+        for prompt in prompts:  # all of them, before any is tokenised
+            if isinstance(prompt, str):
+                self._check_fits(len(prompt), 0, prompt_param)
+            elif len(prompt) >= limit:
+                raise context_error(limit, f"your prompt has {len(prompt)} tokens", prompt_param)
         seqs = []
         rid = uuid.uuid4().hex
         for i, prompt in enumerate(prompts):
@@ -142,17 +168,14 @@ class _Handler:
             except ValueError as e:
                 raise APIError(400, str(e), param=prompt_param) from None
             if len(ids) >= limit:
-                raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt "
-                               f"has {len(ids)} tokens.", param=prompt_param, code="context_length_exceeded")
+                raise context_error(limit, f"your prompt has {len(ids)} tokens", prompt_param)
             room = limit - len(ids)
             explicit = bool({"max_tokens", "max_completion_tokens"} & req.model_fields_set)
             max_tokens = req.max_tokens if req.max_tokens is not None else room
             if max_tokens > room:
                 if explicit:
-                    raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you "
-                                   f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, "
-                                   f"{max_tokens} for the completion).", param="max_tokens",
-                                   code="context_length_exceeded")
+                    raise context_error(limit, f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in the "
+                                        f"prompt, {max_tokens} for the completion)", "max_tokens")
                 max_tokens = room
             for j in range(req.n):
                 try:
@@ -186,11 +209,14 @@ class _Handler:
         tok = self.llm.tokenizer
         if tok is None or not hasattr(tok, "apply_chat_template"):
             raise APIError(400, "this model has no chat template; use /v1/completions")
+        messages = req.chat_messages()
+        self._check_fits(sum(len(m["content"]) for m in messages), self.tokens_per_message * len(messages) + 1,
+                         "messages")
         try:
             if hasattr(tok, "encode_chat"):  # message contents cannot smuggle in control tokens
-                prompt: str | list[int] = tok.encode_chat(req.chat_messages(), add_generation_prompt=True)
+                prompt: str | list[int] = tok.encode_chat(messages, add_generation_prompt=True)
             else:
-                prompt = tok.apply_chat_template(req.chat_messages(), add_generation_prompt=True)
+                prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         return self._sequences([prompt], req, self.llm.chat_stop_token_ids(), prompt_param="messages")
@@ -286,9 +312,12 @@ class _Handler:
         yield SSE_DONE
 
 
-def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app. Starts the engine thread on startup and stops it on shutdown."""
-    handler = _Handler(engine, model_name)
+def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+               limits: ServerLimits | None = None) -> FastAPI:
+    """The FastAPI app. Starts the engine thread on startup and stops it on shutdown.
+    api_key None serves without auth; an empty key is a ValueError (it would let anyone in)."""
+    _check_api_key(api_key)
+    handler = _Handler(engine, model_name, limits or ServerLimits())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -297,27 +326,28 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
             yield
         finally:
             engine.shutdown()
+            handler.offload.shutdown()
 
     app = FastAPI(title="leanmoe", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.handler = handler
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        return e.response()
+        return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
-        return APIError(400, str(e.errors()[0].get("msg", "invalid request"))).response()
+        return error_response(APIError(400, str(e.errors()[0].get("msg", "invalid request"))))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return APIError(e.status_code, str(e.detail), type=kind).response()
+        return error_response(APIError(e.status_code, str(e.detail), type=kind, headers=e.headers))  # 405: Allow
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, e: Exception):
         log.exception("unhandled error")
-        return APIError(500, f"internal server error: {type(e).__name__}", type="server_error").response()
+        return error_response(APIError(500, f"internal server error: {type(e).__name__}", type="server_error"))
 
     if api_key is not None:
         app.add_middleware(BearerAuth, api_key=api_key)
@@ -325,7 +355,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
     @app.get("/health")
     async def health():
         if not engine.is_running:
-            return APIError(503, "the inference engine is not running", type="server_error").response()
+            return error_response(APIError(503, "the inference engine is not running", type="server_error"))
         return {"status": "ok"}
 
     def model_card() -> dict[str, Any]:
@@ -343,27 +373,42 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req: CompletionRequest = await _parse(request, CompletionRequest)
-        return await handler.respond(request, req, handler.completion_sequences(req), CompletionResponses)
+        req, seqs = await handler.prepare(request, CompletionRequest, handler.completion_sequences)
+        return await handler.respond(request, req, seqs, CompletionResponses)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
-        return await handler.respond(request, req, handler.chat_sequences(req), ChatResponses)
+        req, seqs = await handler.prepare(request, ChatCompletionRequest, handler.chat_sequences)
+        return await handler.respond(request, req, seqs, ChatResponses)
 
     return app
 
 
 # ---------------------------------------------------------------------------- running it
 def serve(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, log_level: str = "info", **engine_options: Any) -> None:
+          model_name: str | None = None, log_level: str = "info", limits: ServerLimits | None = None,
+          **engine_options: Any) -> None:
     """Load a checkpoint and serve it until interrupted. Binds loopback unless `host` says otherwise."""
     import uvicorn
 
+    _check_api_key(api_key)  # before the model loads
     llm = LLM(checkpoint, **engine_options)
     if llm.tokenizer is None:
         raise FileNotFoundError(f"no tokenizer.json found for {checkpoint} (looked in the checkpoint folder and "
                                 "its run folder)")
     name = model_name or os.path.basename(os.path.normpath(str(checkpoint)))
-    app = create_app(AsyncEngine(llm), name, api_key)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    app = create_app(AsyncEngine(llm), name, api_key, limits)
+    freeze_startup_heap()
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        gc.unfreeze()  # let shutdown free them (extensions such as Triton's report what it does not)
+
+
+def freeze_startup_heap() -> None:
+    """Exempt every object alive now (torch, the model, the app: a few hundred thousand) from
+    garbage collection until `gc.unfreeze()`. Otherwise a full collection walks them all, ~0.2 s
+    with the GIL held, whenever requests have allocated enough containers, and every client waits.
+    Process-wide, so `serve` calls it, not `create_app`."""
+    gc.collect()
+    gc.freeze()

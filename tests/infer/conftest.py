@@ -1,9 +1,10 @@
-"""Shared fixtures: a micro model, a tokenizer trained on a few KB of text, a checkpoint folder."""
+"""Shared fixtures: a micro model, a tokenizer trained on a few KB of text, a checkpoint folder,
+and a server over it (one per test module that asks for it)."""
 
 import pytest
 
 from leanmoe import Transformer, save_pretrained
-from tests.infer.helpers import VOCAB, make_model
+from tests.infer.helpers import KEY, MODEL, VOCAB, ServerThread, make_model
 
 TEXT = [
     "The engine keeps a paged cache of latent vectors. Each block holds sixty-four tokens. ",
@@ -15,6 +16,16 @@ TEXT = [
     "ship it 🚀🔥 done ✅ — café naïve résumé. ",
     "Once upon a time there was a small model that learned to count: one two three four five six. ",
 ] * 6
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _unfreeze_gc_at_exit():
+    """ServerThread freezes the heap as `serve` does; thaw it before the interpreter exits, so
+    shutdown frees those objects (Triton's extension prints warnings for what it does not free)."""
+    yield
+    import gc
+
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +46,18 @@ def checkpoint(tmp_path_factory, model, tokenizer):
     save_pretrained(model, path)
     tokenizer.save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    """The checkpoint served on a loopback port as MODEL, with api key KEY; `.llm` is its engine."""
+    pytest.importorskip("fastapi")
+    from leanmoe.infer import LLM
+    from leanmoe.infer.async_engine import AsyncEngine
+    from leanmoe.infer.server import create_app
+
+    llm = LLM(checkpoint, max_model_len=256, block_size=8)
+    app = create_app(AsyncEngine(llm), MODEL, api_key=KEY)
+    with ServerThread(app) as srv:
+        srv.llm = llm
+        yield srv

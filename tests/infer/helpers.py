@@ -12,6 +12,8 @@ from leanmoe import Transformer
 from tests.util import micro_config
 
 VOCAB = 320
+KEY = "test-key"  # the `server` fixture's api key and model name
+MODEL = "micro"
 
 
 def make_model(seed: int = 0, **overrides) -> Transformer:
@@ -74,7 +76,9 @@ class ServerThread:
         import uvicorn
 
         self.host = host
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP named, not 0: asyncio turns Nagle off (TCP_NODELAY) only on accepted sockets
+        # whose proto says TCP, and with Nagle on each keep-alive answer waits ~40 ms for a delayed ACK
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
@@ -87,6 +91,9 @@ class ServerThread:
         return f"http://{self.host}:{self.port}"
 
     def __enter__(self) -> ServerThread:
+        from leanmoe.infer.server import freeze_startup_heap
+
+        freeze_startup_heap()  # as `serve` does; conftest unfreezes at the end of the session
         self.thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:
@@ -99,3 +106,33 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(30)
         self.sock.close()
+
+
+def assert_openai_error(r, status: int, param: str | None = None) -> dict:
+    """`r` (an httpx.Response) is `status` with OpenAI's error body; returns the error object."""
+    assert r.status_code == status, r.text[:500]
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str) and err["message"], err
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+def health_latencies_while(url: str, work, min_polls: int = 10) -> tuple[list[float], object]:
+    """Run `work()` on a thread while polling `url` + "/health" until it is done: (the latency
+    of each poll in seconds, work's result)."""
+    import httpx
+
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(work()))
+    latencies = []
+    with httpx.Client(timeout=30) as c:
+        assert c.get(url + "/health").status_code == 200  # connect before the clock starts
+        thread.start()
+        while thread.is_alive() or len(latencies) < min_polls:
+            t0 = time.perf_counter()
+            assert c.get(url + "/health").status_code == 200
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.01)
+    thread.join()
+    return latencies, result[0] if result else None

@@ -48,3 +48,58 @@ def test_serve_defaults_to_loopback_and_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError):
         args = parser().parse_args(["generate", str(tmp_path / "missing"), "hi"])
         args.func(args)
+
+
+def test_api_key_comes_from_the_flag_else_the_environment_and_is_never_empty():
+    from leanmoe.infer.commands import api_key_from
+
+    assert api_key_from(None, {}) is None
+    assert api_key_from(None, {"LEANMOE_API_KEY": "env"}) == "env"
+    assert api_key_from("flag", {"LEANMOE_API_KEY": "env"}) == "flag"
+    for flag, env in (("", {}), ("  ", {}), ("", {"LEANMOE_API_KEY": "env"}), (None, {"LEANMOE_API_KEY": ""}),
+                      (None, {"LEANMOE_API_KEY": " "})):
+        with pytest.raises(ValueError, match="empty"):
+            api_key_from(flag, env)
+
+
+def test_serve_refuses_an_empty_key_in_one_line(tmp_path, monkeypatch, capsys):
+    from leanmoe import cli
+    from leanmoe.infer import server
+
+    monkeypatch.setattr(server, "serve", lambda *a, **k: pytest.fail("served with an empty key"))
+    monkeypatch.delenv("LEANMOE_API_KEY", raising=False)
+    assert cli.main(["serve", str(tmp_path), "--api-key", ""]) == 2
+    monkeypatch.setenv("LEANMOE_API_KEY", "")
+    assert cli.main(["serve", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("leanmoe serve: error: ") for line in err), err
+    assert "--api-key" in err[0] and "LEANMOE_API_KEY" in err[1]
+    with pytest.raises(ValueError, match="empty"):
+        server.create_app(None, "m", api_key="")
+
+
+def test_serve_passes_the_key_from_the_environment_and_the_choice_cap(tmp_path, monkeypatch, capsys):
+    from leanmoe import cli
+    from leanmoe.infer import server
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda checkpoint, **kw: seen.update(kw))
+    monkeypatch.setenv("LEANMOE_API_KEY", "from-env")
+    assert cli.main(["serve", str(tmp_path), "--max-choices", "8"]) == 0
+    assert seen["api_key"] == "from-env" and seen["limits"].max_choices == 8
+    with pytest.raises(SystemExit):
+        parser().parse_args(["serve", "--help"])
+    assert "LEANMOE_API_KEY" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn"])
+def test_serve_without_the_serve_extra_says_what_to_install(tmp_path, missing):
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.modules[{missing!r}] = None; from leanmoe.cli import main; "
+            f"sys.exit(main(['serve', {str(tmp_path)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'leanmoe[serve]'" in lines[0] and missing in lines[0], done.stderr
