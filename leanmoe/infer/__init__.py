@@ -5,8 +5,10 @@ One job per file: `sampling_params` and `sequence` (a request's parameters and s
 need torch (tests/infer/test_scheduler.py runs them with torch blocked) --
 `paged_cache` (the cache tensors and attention backend), `model_runner` (the only device code),
 `sampler`, `detokenizer`, `engine` (`LLM`), `async_engine` (the engine on a background thread),
-`protocol` and `responses` (OpenAI request and response bodies), `server` (OpenAI-compatible HTTP),
-`commands` (the `generate`, `chat`, `serve` CLI commands).
+`protocol` and `responses` (OpenAI request and response bodies), `limits` (what a request may
+cost the server, checked before the work), `server` (OpenAI-compatible HTTP), `scoring` (token
+log-probabilities from a full forward pass), `harness` (lm-evaluation-harness), `commands` (the
+`generate`, `chat`, `serve` CLI commands).
 """
 
 from leanmoe.infer.config import EngineConfig
