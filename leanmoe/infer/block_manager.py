@@ -99,11 +99,13 @@ class BlockManager:
 
     def allocate(self, seq: Sequence) -> bool:
         """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks.
-        Sets block_table and num_cached_tokens. False (and no change) if blocks run short."""
+        Sets block_table and num_cached_tokens. False (and no change) if blocks run short.
+        A sequence that needs its prompt's logprobs reuses nothing (every position is computed)."""
         if seq.block_table:
             raise RuntimeError(f"{seq} already holds blocks")
         needed = self.blocks_needed(len(seq))
-        hits, digests = self._match_prefix(seq.token_ids) if self.enable_prefix_caching else ([], [])
+        lookup = self.enable_prefix_caching and not seq.needs_prompt_logprobs
+        hits, digests = self._match_prefix(seq.token_ids) if lookup else ([], [])
         hits_in_free_list = sum(1 for b in hits if self.ref_counts[b] == 0)
         if needed - len(hits) + hits_in_free_list > len(self._free):
             return False
@@ -116,7 +118,7 @@ class BlockManager:
         seq.num_cached_tokens = len(hits) * self.block_size
         if seq.num_preemptions == 0:
             seq.num_cached_prompt_tokens = seq.num_cached_tokens
-        if self.enable_prefix_caching:
+        if lookup:
             self.prefix_query_tokens += len(seq)
             self.prefix_hit_tokens += seq.num_cached_tokens
         return True

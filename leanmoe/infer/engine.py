@@ -25,6 +25,7 @@ from leanmoe.weights import from_pretrained, resolve_checkpoint
 from leanmoe.infer.block_manager import BlockManager
 from leanmoe.infer.config import EngineConfig
 from leanmoe.infer.detokenizer import IncrementalDetokenizer
+from leanmoe.infer.logprobs import TokenLogprob
 from leanmoe.infer.model_runner import ModelRunner
 from leanmoe.infer.sampling_params import SamplingParams
 from leanmoe.infer.scheduler import Scheduler
@@ -40,7 +41,8 @@ Prompt = str | list[int]
 class RequestOutput:
     """A request's state after a step. `token_ids` / `text`: the output so far (for a streamed
     request, the text released so far); `delta_*`: what this step added. finish_reason: None
-    while running, "stop", "length" or "abort"."""
+    while running, "stop", "length" or "abort". metrics (when finished), in seconds:
+    time_to_first_token and latency from arrival, time_per_output_token after the first."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -52,6 +54,10 @@ class RequestOutput:
     finish_reason: str | None
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)
+    # with SamplingParams.logprobs: one TokenLogprob per token of token_ids / delta_token_ids
+    logprobs: list[TokenLogprob] | None = None
+    delta_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # with SamplingParams.prompt_logprobs
 
 
 def find_tokenizer(path: str | os.PathLike) -> Path | None:
@@ -113,6 +119,7 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    decode_tokens=2 if spec else 1)
         self.num_steps = 0
+        self.num_prompt_tokens = 0  # prompts of the requests that got their first token
         self.num_generated_tokens = 0
 
     # ------------------------------------------------------------------ requests
@@ -153,6 +160,8 @@ class LLM:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
                              "(prompt + at least one generated token)")
@@ -189,11 +198,14 @@ class LLM:
         results = self.runner.run(batch)
         now = time.perf_counter()
         outputs, finished = [], []
-        for seq, (tokens, draft) in zip(batch.seqs, results):
+        for seq, res in zip(batch.seqs, results):
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            new = self._append(seq, tokens)
-            seq.draft = draft
+                self.num_prompt_tokens += seq.num_prompt_tokens
+            if res.prompt_logprobs is not None:
+                seq.prompt_logprobs = res.prompt_logprobs
+            new = self._append(seq, res.tokens, res.logprobs)
+            seq.draft = res.draft
             seq.num_cached_tokens = len(seq) - 1  # every position before the last token is in the cache
             self.block_manager.register(seq)
             if seq.finish_reason is not None:
@@ -203,15 +215,20 @@ class LLM:
         self.num_steps += 1
         return outputs
 
-    def _append(self, seq: Sequence, tokens: list[int]) -> list[int]:
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None) -> list[int]:
         params, detok = seq.params, seq.detokenizer
         new: list[int] = []
-        for tok in tokens:
+        if params.max_tokens == 0:  # the prompt was only to be computed (scored)
+            seq.finish_reason = "length"
+            return new
+        for k, tok in enumerate(tokens):
             if tok in seq.stop_token_ids:
                 seq.finish_reason = "stop"
                 break
             seq.token_ids.append(tok)
             new.append(tok)
+            if seq.logprobs is not None and logprobs is not None:
+                seq.logprobs.append(logprobs[k])
             if detok is not None and detok.add(tok):
                 seq.finish_reason = "stop"
                 break
@@ -236,10 +253,16 @@ class LLM:
             text = delta = ""
         metrics = {}
         if done:
+            now = time.perf_counter()
             metrics = {"time_to_first_token": seq.first_token_time - seq.arrival_time,
-                       "latency": time.perf_counter() - seq.arrival_time}
+                       "latency": now - seq.arrival_time}
+            if seq.num_output_tokens > 1:
+                metrics["time_per_output_token"] = (now - seq.first_token_time) / (seq.num_output_tokens - 1)
+        lps = seq.logprobs
         return RequestOutput(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, text, new, delta, done,
-                             seq.finish_reason, seq.num_cached_prompt_tokens, metrics)
+                             seq.finish_reason, seq.num_cached_prompt_tokens, metrics,
+                             None if lps is None else list(lps), None if lps is None else lps[len(lps) - len(new):],
+                             seq.prompt_logprobs)
 
     # ------------------------------------------------------------------ convenience
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
@@ -286,6 +309,7 @@ class LLM:
         r, bm = self.runner, self.block_manager
         return {
             "steps": self.num_steps,
+            "prompt_tokens": self.num_prompt_tokens,
             "generated_tokens": self.num_generated_tokens,
             "draft_tokens": r.num_draft_tokens,
             "accepted_draft_tokens": r.num_accepted_tokens,

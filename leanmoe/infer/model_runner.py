@@ -14,21 +14,41 @@ and predicts token i+2. Each step therefore both verifies last step's draft and 
 Both forwards write their latents at the same positions; on rejection position n+1 holds
 latents of the rejected draft, which are past the sequence's valid length (never read: the
 attention at n is causal) and are overwritten by the next step. One host sync per step brings
-the tokens, acceptances and drafts back together.
+the tokens, acceptances and drafts back together (a second one brings logprobs, when a request
+of the batch asks for them).
+
+Penalties count the output tokens before the position predicted: at the verify step's second
+position that includes the draft, which is the first token whenever the second one is kept.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from leanmoe.infer.config import EngineConfig
+from leanmoe.infer.logprobs import TokenLogprob
 from leanmoe.infer.paged_cache import DecodeMetadata, PagedAttention, PagedLatentCache, PrefillMetadata
 from leanmoe.infer.sampler import Sampler
 from leanmoe.infer.scheduler import ScheduledBatch
 from leanmoe.infer.sequence import Sequence
 from leanmoe.model.transformer import Transformer
 
-__all__ = ["ModelRunner"]
+__all__ = ["ModelRunner", "StepOutput"]
+
+PROMPT_LOGPROB_CHUNK = 2**26  # logits computed at once for prompt logprobs (fp32 values: 256 MiB)
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one sequence: new tokens (1, or 2 with an accepted draft), the
+    next draft (speculative decoding), and the logprobs the request asked for."""
+
+    tokens: list[int]
+    draft: int | None = None
+    logprobs: list[TokenLogprob] | None = None         # one per token
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token (the first: None)
 
 
 class ModelRunner:
@@ -69,25 +89,65 @@ class ModelRunner:
         h, _ = layer.forward_mtp(model.model.embed_tokens(next_ids), h_prev, cos, sin, self.backend)
         return model.lm_head(layer.shared_head.norm(h[select]))
 
+    # ------------------------------------------------------------------ sampling
+    def _sample(self, logits_BV: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list | None]:
+        """Adjusted logits -> tokens [B] on the device, and per row its TokenLogprob (or None)."""
+        params = [s.params for s in seqs]
+        if any(p.adjusts_logits for p in params):
+            logits_BV = self.sampler.adjust(logits_BV, params, [s.output_token_ids for s in seqs])
+        tokens_B = self.sampler.sample(logits_BV, params, [s.generator for s in seqs])
+        return tokens_B, self._logprobs(logits_BV, params, tokens_B)
+
+    def _logprobs(self, logits_BV: torch.Tensor, params: list, tokens_B: torch.Tensor) -> list | None:
+        """Per row, the TokenLogprob of its token (None where the request did not ask)."""
+        wanted = [p.logprobs for p in params]
+        if all(n is None for n in wanted):
+            return None
+        chosen_B, top_BN, ids_BN = self.sampler.logprobs(logits_BV, params, tokens_B, max(n or 0 for n in wanted))
+        chosen, tops, ids = chosen_B.tolist(), top_BN.tolist(), ids_BN.tolist()  # host sync: only with logprobs
+        tok = tokens_B.tolist()
+        return [None if n is None else
+                TokenLogprob(tok[b], chosen[b], [(i, v) for i, v in zip(ids[b][:n], tops[b][:n]) if v != float("-inf")])
+                for b, n in enumerate(wanted)]
+
+    def _prompt_logprobs(self, h_ND: torch.Tensor, seq: Sequence, start: int) -> list[TokenLogprob]:
+        """Raw log p(prompt token i | tokens before it) from the prefill's hidden states of `seq`
+        (packed at rows start .. start + len - 1 of h_ND; every position was computed)."""
+        assert seq.num_cached_tokens == 0, "prompt logprobs need the whole prompt computed"
+        ids, n, top_n = seq.prompt_token_ids, seq.num_prompt_tokens, seq.params.prompt_logprobs
+        out = [TokenLogprob(ids[0], None, [])]
+        chunk = max(1, PROMPT_LOGPROB_CHUNK // self.model.config.vocab_size)
+        for lo in range(0, n - 1, chunk):  # row lo predicts prompt token lo + 1
+            hi = min(n - 1, lo + chunk)
+            logp_CV = self.model.lm_head(h_ND[start + lo: start + hi]).float().log_softmax(dim=-1)
+            target = self._tensor(ids[lo + 1: hi + 1])
+            chosen = logp_CV.gather(1, target[:, None])[:, 0].tolist()  # host sync: only with prompt logprobs
+            tops, top_ids = logp_CV.topk(min(top_n, logp_CV.shape[-1]), dim=-1)
+            for j, (vals, idx) in enumerate(zip(tops.tolist(), top_ids.tolist())):
+                out.append(TokenLogprob(ids[lo + 1 + j], chosen[j], list(zip(idx, vals))))
+        return out
+
     # ------------------------------------------------------------------ steps
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[tuple[list[int], int | None]]:
-        """Run one scheduled step -> per sequence (new tokens, next draft or None)."""
+    def run(self, batch: ScheduledBatch) -> list[StepOutput]:
+        """Run one scheduled step -> per sequence what it produced."""
         if batch.is_prefill:
             return self._prefill(batch.seqs)
         if self.speculative:
             return self._decode_speculative(batch.seqs)
         return self._decode(batch.seqs)
 
-    def _prefill(self, seqs: list[Sequence]) -> list[tuple[list[int], int | None]]:
+    def _prefill(self, seqs: list[Sequence]) -> list[StepOutput]:
         ids: list[int] = []
         pos: list[int] = []
         slot_mapping: list[int] = []
         meta_seqs = []
         last: list[int] = []
+        starts: list[int] = []
         for seq in seqs:
             c, n = seq.num_cached_tokens, len(seq)
             start = len(ids)
+            starts.append(start)
             ids += seq.token_ids[c:n]
             pos += range(c, n)
             slots = [self._slot(seq, p) for p in range(n)]
@@ -100,15 +160,23 @@ class ModelRunner:
         last_t = self._tensor(last)
         h, _ = self.model.hidden_states(input_ids, position_ids, self.backend)  # [1, N, D]
         logits = self.model.lm_head(h[0, last_t])  # [S, V]
-        params = [s.params for s in seqs]
-        tokens = self.sampler.sample(logits, params, [s.generator for s in seqs])
+        tokens, logprobs = self._sample(logits, seqs)
+        outs = [StepOutput([], None, _one(logprobs, b)) for b in range(len(seqs))]
+        for b, seq in enumerate(seqs):
+            if seq.needs_prompt_logprobs:
+                outs[b].prompt_logprobs = self._prompt_logprobs(h[0], seq, starts[b])
         if not self.speculative:
-            return [([t], None) for t in tokens.tolist()]  # host sync: the sampled tokens
-        next_ids = torch.roll(input_ids, -1, dims=1)  # token i+1 next to position i ...
-        next_ids[0, last_t] = tokens  # ... the sampled token after each prompt
-        drafts = self._mtp_logits(h, next_ids, position_ids, (0, last_t)).argmax(dim=-1)
-        out = torch.stack([tokens, drafts]).tolist()  # host sync: tokens and drafts
-        return [([t], d) for t, d in zip(out[0], out[1])]
+            rows = [[t] for t in tokens.tolist()]  # host sync: the sampled tokens
+            drafts = [None] * len(seqs)
+        else:
+            next_ids = torch.roll(input_ids, -1, dims=1)  # token i+1 next to position i ...
+            next_ids[0, last_t] = tokens  # ... the sampled token after each prompt
+            drafts_t = self._mtp_logits(h, next_ids, position_ids, (0, last_t)).argmax(dim=-1)
+            both = torch.stack([tokens, drafts_t]).tolist()  # host sync: tokens and drafts
+            rows, drafts = [[t] for t in both[0]], both[1]
+        for o, r, d in zip(outs, rows, drafts):
+            o.tokens, o.draft = r, d
+        return outs
 
     def _decode_metadata(self, seqs: list[Sequence], t: int) -> DecodeMetadata:
         width = max(len(s.block_table) for s in seqs)
@@ -117,16 +185,17 @@ class ModelRunner:
         return DecodeMetadata(self._tensor(slots), self._tensor(table, torch.int32),
                               self._tensor([s.num_cached_tokens + t for s in seqs], torch.int32))
 
-    def _decode(self, seqs: list[Sequence]) -> list[tuple[list[int], int | None]]:
+    def _decode(self, seqs: list[Sequence]) -> list[StepOutput]:
         self.backend.metadata = self._decode_metadata(seqs, 1)
         input_ids = self._tensor([[s.token_ids[-1]] for s in seqs])  # [B, 1]
         position_ids = self._tensor([[s.num_cached_tokens] for s in seqs])
         h, _ = self.model.hidden_states(input_ids, position_ids, self.backend)
         logits = self.model.lm_head(h[:, -1])  # [B, V]
-        tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        return [([t], None) for t in tokens.tolist()]  # host sync: the sampled tokens
+        tokens, logprobs = self._sample(logits, seqs)
+        return [StepOutput([t], None, _one(logprobs, b))
+                for b, t in enumerate(tokens.tolist())]  # host sync: the sampled tokens
 
-    def _decode_speculative(self, seqs: list[Sequence]) -> list[tuple[list[int], int | None]]:
+    def _decode_speculative(self, seqs: list[Sequence]) -> list[StepOutput]:
         self.backend.metadata = self._decode_metadata(seqs, 2)
         drafts = self._tensor([s.draft for s in seqs])  # [B]
         input_ids = torch.stack([self._tensor([s.token_ids[-1] for s in seqs]), drafts], dim=1)  # [B, 2]
@@ -134,12 +203,28 @@ class ModelRunner:
         position_ids = torch.stack([n, n + 1], dim=1)
         h, _ = self.model.hidden_states(input_ids, position_ids, self.backend)  # [B, 2, D]
         logits = self.model.lm_head(h)  # [B, 2, V]
-        first, second, accepted = self.sampler.verify(logits, drafts, [s.params for s in seqs],
-                                                      [s.generator for s in seqs])
+        params = [s.params for s in seqs]
+        adjust = any(p.adjusts_logits for p in params)
+        want_logprobs = any(p.logprobs is not None for p in params)
+        per_row = [p for p in params for _ in range(2)] if adjust or want_logprobs else []  # of [B * 2, V]
+        if adjust:  # the second position predicts the token after the draft: its counts include it
+            outputs = [o for s in seqs for o in (s.output_token_ids, s.output_token_ids + [s.draft])]
+            logits = self.sampler.adjust(logits.flatten(0, 1), per_row, outputs).view(logits.shape)
+        first, second, accepted = self.sampler.verify(logits, drafts, params, [s.generator for s in seqs])
         rows = torch.arange(len(seqs), device=self.device)
         next_drafts = self._mtp_logits(h, torch.stack([first, second], dim=1), position_ids,
                                        (rows, accepted.long())).argmax(dim=-1)
         out = torch.stack([first, second, accepted.long(), next_drafts]).tolist()  # host sync: one per step
         self.num_draft_tokens += len(seqs)
         self.num_accepted_tokens += sum(out[2])
-        return [([a, b] if ok else [a], d) for a, b, ok, d in zip(*out)]
+        lps = None
+        if want_logprobs:
+            lps = self._logprobs(logits.flatten(0, 1), per_row, torch.stack([first, second], dim=1).flatten())
+        return [StepOutput([a, b] if ok else [a], d,
+                           None if lps is None or lps[2 * i] is None else lps[2 * i: 2 * i + 1 + ok])
+                for i, (a, b, ok, d) in enumerate(zip(*out))]
+
+
+def _one(logprobs: list | None, b: int) -> list[TokenLogprob] | None:
+    """Row b's single-token logprobs list, or None where it did not ask."""
+    return None if logprobs is None or logprobs[b] is None else [logprobs[b]]

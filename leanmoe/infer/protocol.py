@@ -2,18 +2,23 @@
 
 Types are strict (a string where a number belongs is an error, as with OpenAI), unknown fields
 are ignored (clients send vendor extras), and parameters leanmoe does not implement are refused
-with a clear message rather than silently ignored.
+with a clear message rather than silently ignored. `openapi_schemas` gives these models' JSON
+schemas to the server's /openapi.json, so the documentation is what the server accepts.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-__all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "StreamOptions", "UnsupportedParameter"]
+from leanmoe.infer.logprobs import MAX_LOGPROBS
+
+__all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "StreamOptions", "UnsupportedParameter",
+           "TokenizeRequest", "DetokenizeRequest", "openapi_schemas"]
 
 MAX_N = 16
+MAX_LOGIT_BIAS = 300  # entries: each costs the engine work at every step of the request
 
 
 class UnsupportedParameter(ValueError):
@@ -43,7 +48,8 @@ class _SamplingFields(_Strict):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1 - MAX_N)  # request j of n draws with seed + j
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="token id (as a string) -> bias in [-100, 100], added to its logits")
     user: str | None = None
     ignore_eos: bool = False  # vLLM extension
 
@@ -55,23 +61,33 @@ class _SamplingFields(_Strict):
             raise UnsupportedParameter("stop", "stop sequences must be non-empty")
         return stop
 
+    def bias(self) -> dict[int, float]:
+        """logit_bias with integer token ids (the vocabulary bound is the engine's check)."""
+        out: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()) or len(key) > 12:
+                raise UnsupportedParameter("logit_bias", f"logit_bias keys must be token ids, got {key[:20]!r}")
+            if not -100.0 <= value <= 100.0:
+                raise UnsupportedParameter("logit_bias", f"logit_bias values must be in [-100, 100], got {value!r}")
+            out[int(key)] = value
+        return out
+
     def check_supported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise UnsupportedParameter(name, f"{name} is not supported by this server (use 0)")
-        if self.logit_bias:
-            raise UnsupportedParameter("logit_bias", "logit_bias is not supported by this server")
+        if self.logit_bias and len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise UnsupportedParameter("logit_bias", f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens")
         if self.stream_options is not None and not self.stream:
             raise UnsupportedParameter("stream_options", "stream_options is only allowed with stream: true")
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
-    echo: bool = False
-    logprobs: int | None = None
+    max_tokens: int | None = Field(default=16, ge=0, description="0 with echo: only score the prompt")
+    echo: bool = Field(default=False, description="return the prompt before the completion (and its logprobs)")
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
+                                 description="log-probabilities of each token with this many alternatives")
     best_of: int | None = None
     suffix: str | None = None
+    _echo_texts: list[str] | None = PrivateAttr(default=None)  # each prompt's text, when echoed
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -85,10 +101,6 @@ class CompletionRequest(_SamplingFields):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise UnsupportedParameter("echo", "echo is not supported by this server")
-        if self.logprobs is not None:
-            raise UnsupportedParameter("logprobs", "logprobs are not supported by this server")
         if self.best_of not in (None, 1):
             raise UnsupportedParameter("best_of", "best_of other than 1 is not supported by this server")
         if self.suffix:
@@ -117,7 +129,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")
     def _one_limit(self) -> ChatCompletionRequest:
@@ -131,5 +143,40 @@ class ChatCompletionRequest(_SamplingFields):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs or self.top_logprobs:
-            raise UnsupportedParameter("logprobs", "logprobs are not supported by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise UnsupportedParameter("top_logprobs", "top_logprobs needs logprobs: true")
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize (what lm-eval's remote tokenizer calls). Nothing is added to the text
+    (leanmoe's tokenizer adds no bos/eos), whatever add_special_tokens says."""
+
+    n: ClassVar[int] = 1
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = False
+
+    def check_supported(self) -> None:
+        pass
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's /detokenize."""
+
+    n: ClassVar[int] = 1
+    model: str | None = None
+    tokens: list[int]
+
+    def check_supported(self) -> None:
+        pass
+
+
+def openapi_schemas() -> dict[str, Any]:
+    """JSON schemas of the request bodies, for an OpenAPI document's components/schemas: each
+    model under its class name, nested models as siblings (referenced as #/components/schemas/X)."""
+    out: dict[str, Any] = {}
+    for model in (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        out.update(schema.pop("$defs", {}))
+        out[model.__name__] = schema
+    return out

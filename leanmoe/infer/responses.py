@@ -14,6 +14,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from leanmoe.infer.logprobs import TokenLogprob, TokenStrings, chat_logprobs, completion_logprobs
+
 if TYPE_CHECKING:
     from leanmoe.infer.engine import RequestOutput
     from leanmoe.infer.sequence import Sequence
@@ -56,17 +58,25 @@ def finish_reason(out: RequestOutput) -> str | None:
 
 class Responses:
     """Bodies of one request's answer: its id, creation time and model name are shared by all.
-    `seqs` are the request's sequences, n per prompt (choice index = prompt index * n + j)."""
+    `seqs` are the request's sequences, n per prompt (choice index = prompt index * n + j).
+    logprobs: None, or the alternatives per token to report (the outputs then carry logprobs);
+    `strings` names the tokens. echo (completions): each prompt's text, returned before its
+    completion (with its prompt logprobs when logprobs are asked for)."""
 
     id_prefix: str
     object: str        # the non-streaming body's "object"
     chunk_object: str  # each streamed chunk's "object"
 
-    def __init__(self, model: str, seqs: list[Sequence], n: int):
+    def __init__(self, model: str, seqs: list[Sequence], n: int, strings: TokenStrings | None = None,
+                 logprobs: int | None = None, echo: list[str] | None = None):
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
+        self.n = n
         self.prompt_tokens = sum(len(s.prompt_token_ids) for s in seqs) // n  # n choices share each prompt
+        self.strings, self.logprobs, self.echo = strings, logprobs, echo
+        self.started: set[int] = set()  # streamed choices that sent their first output
+        self.offsets: dict[int, int] = {}  # streamed choice -> characters of token strings sent
 
     def _body(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
@@ -106,36 +116,61 @@ class Responses:
 
 class CompletionResponses(Responses):
     """/v1/completions: the text is the choice's `text`; one chunk per output, the last one
-    carrying the finish reason."""
+    carrying the finish reason. With echo the prompt opens the text (and its logprobs, the
+    first one null, open the logprobs); text offsets count from the start of the choice's text."""
 
     id_prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
 
+    def _parts(self, i: int, out: RequestOutput, text: str, entries: list[TokenLogprob] | None, first: bool
+               ) -> tuple[str, list[TokenLogprob]]:
+        """The text and logprob entries of an output, the echoed prompt first where it belongs."""
+        entries = list(entries or [])
+        if first and self.echo is not None:
+            text = self.echo[i // self.n] + text
+            entries = list(out.prompt_logprobs or []) + entries
+        return text, entries
+
+    def _logprobs(self, entries: list[TokenLogprob], offset: int) -> dict[str, list] | None:
+        return None if self.logprobs is None else completion_logprobs(self.strings, entries, offset)
+
     def deltas(self, i: int, out: RequestOutput) -> list[dict[str, Any]]:
-        if not (out.delta_text or out.finished):
+        first = i not in self.started
+        text, entries = self._parts(i, out, out.delta_text, out.delta_logprobs, first)
+        if not (text or out.finished or (self.logprobs is not None and entries)):
             return []
-        return [{"index": i, "text": out.delta_text, "logprobs": None, "finish_reason": finish_reason(out)}]
+        self.started.add(i)
+        lp = self._logprobs(entries, self.offsets.get(i, 0))
+        if lp is not None:
+            self.offsets[i] = self.offsets.get(i, 0) + sum(len(t) for t in lp["tokens"])
+        return [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(out)}]
 
     def final_choice(self, i: int, out: RequestOutput) -> dict[str, Any]:
-        return {"index": i, "text": out.text, "logprobs": None, "finish_reason": finish_reason(out)}
+        text, entries = self._parts(i, out, out.text, out.logprobs, True)
+        return {"index": i, "text": text, "logprobs": self._logprobs(entries, 0), "finish_reason": finish_reason(out)}
 
 
 class ChatResponses(Responses):
     """/v1/chat/completions: the text is an assistant message; a stream opens each choice with
-    its role and closes it with an empty delta carrying the finish reason."""
+    its role and closes it with an empty delta carrying the finish reason. With logprobs each
+    chunk carries those of its tokens: {"content": [...]}."""
 
     id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def _logprobs(self, entries: list[TokenLogprob] | None) -> dict[str, list] | None:
+        return None if self.logprobs is None else chat_logprobs(self.strings, entries or [], self.logprobs)
 
     def head(self, i: int) -> list[dict[str, Any]]:
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
 
     def deltas(self, i: int, out: RequestOutput) -> list[dict[str, Any]]:
         choices = []
-        if out.delta_text:
-            choices.append({"index": i, "delta": {"content": out.delta_text}, "logprobs": None, "finish_reason": None})
+        if out.delta_text or (self.logprobs is not None and out.delta_logprobs):
+            choices.append({"index": i, "delta": {"content": out.delta_text},
+                            "logprobs": self._logprobs(out.delta_logprobs), "finish_reason": None})
         if out.finished:
             choices.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason(out)})
         return choices
 
     def final_choice(self, i: int, out: RequestOutput) -> dict[str, Any]:
-        return {"index": i, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
-                "finish_reason": finish_reason(out)}
+        return {"index": i, "message": {"role": "assistant", "content": out.text},
+                "logprobs": self._logprobs(out.logprobs), "finish_reason": finish_reason(out)}

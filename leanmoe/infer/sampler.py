@@ -1,6 +1,12 @@
-"""Sampling: the batched sampler (temperature, top-k, top-p, seeds) over per-request SamplingParams.
+"""Sampling: the batched sampler (logit bias, penalties, temperature, top-k, top-p, seeds, logprobs)
+over per-request SamplingParams.
 
-Shape legend: B sequences in the batch, V vocabulary.
+Shape legend: B sequences in the batch, V vocabulary, N alternatives per token.
+
+The order is vLLM's: raw logits -> `adjust` (logit_bias, presence/frequency penalties over the
+output so far) -> temperature -> top-k -> top-p -> sample. `logprobs` reports log-probabilities
+under exactly that distribution (temperature 1 for greedy rows). `adjust` and `logprobs` cost
+nothing unless some row of the batch asks for them.
 
 Every row of a batch carries its own parameters. Greedy rows (temperature 0) take the argmax; the
 others sample with the exponential race: argmax_v p_v / e_v with e_v ~ Exp(1) draws v with
@@ -31,6 +37,41 @@ class Sampler:
         return None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
 
     # ------------------------------------------------------------------ building blocks
+    @staticmethod
+    def adjust(logits_BV: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]]) -> torch.Tensor:
+        """Apply each row's logit_bias and presence/frequency penalties (OpenAI's definition, over
+        the output tokens `outputs[b]` generated before the position row b predicts):
+            logits[v] += bias[v] - frequency_penalty * count[v] - presence_penalty * (count[v] > 0)
+        -> fp32 logits, or `logits_BV` itself when no row sets any of them (the fast path)."""
+        biased = [b for b, p in enumerate(params) if p.logit_bias]
+        penalised = [b for b, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
+        if not biased and not penalised:
+            return logits_BV
+        out_BV = logits_BV.to(torch.float32, copy=True)
+        dev, vocab = out_BV.device, out_BV.shape[-1]
+        if biased:
+            rows: list[int] = []
+            cols: list[int] = []
+            vals: list[float] = []
+            for b in biased:  # list extends: C speed, however many tokens a request biases
+                bias = params[b].logit_bias
+                rows += [b] * len(bias)
+                cols += bias.keys()
+                vals += bias.values()
+            out_BV.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                              torch.tensor(vals, device=dev, dtype=torch.float32), accumulate=True)
+        width = max((len(outputs[b]) for b in penalised), default=0)
+        if width:
+            # token counts by scatter-add over the outputs, right-padded with an extra column V
+            ids = torch.tensor([outputs[b] + [vocab] * (width - len(outputs[b])) for b in penalised], device=dev)
+            counts_PV = torch.zeros(len(penalised), vocab + 1, device=dev).scatter_add_(
+                1, ids, torch.ones(ids.shape, device=dev))[:, :vocab]
+            freq = torch.tensor([params[b].frequency_penalty for b in penalised], device=dev)[:, None]
+            pres = torch.tensor([params[b].presence_penalty for b in penalised], device=dev)[:, None]
+            rows_t = torch.tensor(penalised, device=dev)
+            out_BV[rows_t] -= freq * counts_PV + pres * (counts_PV > 0)
+        return out_BV
+
     @staticmethod
     def filtered_logits(logits_BV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """fp32 logits / temperature with everything outside top-k and top-p set to -inf.
@@ -73,6 +114,16 @@ class Sampler:
     def uniform(self, gens: list[torch.Generator | None]) -> torch.Tensor:
         """U(0, 1) [B], per-row generators as in `noise`."""
         return (-self.noise((), gens)).exp()  # exp(-E) with E ~ Exp(1) is uniform on (0, 1]
+
+    def logprobs(self, logits_BV: torch.Tensor, params: list[SamplingParams], tokens_B: torch.Tensor, top_n: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probabilities under the distribution each row samples from (adjusted logits /
+        temperature, 1 for greedy rows, with top-k/top-p applied: filtered tokens are -inf).
+        -> (of tokens_B [B], the top_n largest [B, N], their ids [B, N]); all fp32/int64 on the device."""
+        logp_BV = self.filtered_logits(logits_BV, params).log_softmax(dim=-1)
+        chosen_B = logp_BV.gather(1, tokens_B[:, None])[:, 0]
+        top_BN, ids_BN = logp_BV.topk(min(top_n, logp_BV.shape[-1]), dim=-1)
+        return chosen_B, top_BN, ids_BN
 
     # ------------------------------------------------------------------ sampling
     def sample(self, logits_BV: torch.Tensor, params: list[SamplingParams],

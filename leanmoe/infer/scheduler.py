@@ -66,7 +66,7 @@ class Scheduler:
         while self.waiting and len(self.running) + len(scheduled) < self.max_num_seqs:
             seq = self.waiting[0]
             if scheduled:  # the first one always fits: max_num_batched_tokens >= max_model_len
-                new = len(seq) - bm.cached_prefix_len(seq.token_ids)
+                new = len(seq) - (0 if seq.needs_prompt_logprobs else bm.cached_prefix_len(seq.token_ids))
                 if n_tokens + new > self.max_num_batched_tokens:
                     break
             if not bm.allocate(seq):

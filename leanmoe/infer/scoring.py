@@ -12,23 +12,12 @@ sequence changes none of its positions. Log-softmax runs in fp32 whatever the mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
+from leanmoe.infer.logprobs import TokenLogprob
 from leanmoe.model import Transformer
 
 __all__ = ["score_continuations", "token_logprobs", "TokenLogprob"]
-
-
-@dataclass
-class TokenLogprob:
-    """One token of a scored sequence: its id, log p(token | earlier tokens) (None for the first
-    token, which has no context), and the `top_n` most likely ids at its position with theirs."""
-
-    token: int
-    logprob: float | None
-    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 def _batches(lengths: list[int], max_tokens: int) -> list[list[int]]:

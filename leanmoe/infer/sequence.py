@@ -53,6 +53,9 @@ class Sequence:
         self.num_cached_tokens = 0
         self.num_cached_prompt_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.draft: int | None = None  # MTP draft of the next token, verified in the next step
+        # leanmoe.infer.logprobs.TokenLogprob per output token / per prompt token, when asked for
+        self.logprobs: list[Any] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[Any] | None = None
         self.finish_reason: str | None = None
         self.detokenizer: Any = None  # leanmoe.infer.detokenizer.IncrementalDetokenizer, set by the engine
         self.arrival_time = time.perf_counter()
@@ -69,6 +72,12 @@ class Sequence:
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Its prompt's log-probabilities are still to compute: the next prefill must compute
+        every prompt position, so it takes nothing from the prefix cache."""
+        return self.params.prompt_logprobs is not None and self.prompt_logprobs is None
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -1,4 +1,6 @@
-"""OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health.
+"""OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, and
+beside them (leanmoe.infer.routes) /metrics, /openapi.json + /docs, /tokenize, /detokenize,
+/tokenizer_info.
 
     app = create_app(AsyncEngine(LLM("runs/tiny")), model_name="tiny", api_key=None)
     serve("runs/tiny", host="127.0.0.1", port=8000)              # what `leanmoe serve` runs
@@ -10,7 +12,11 @@ either (leanmoe.infer.limits, which also caps what one request may ask for). Str
 are server-sent events ending in `data: [DONE]`. Every failure a client can cause is a 4xx with
 OpenAI's error body {"error": {"message", "type", "param", "code"}}; a client that goes away
 (mid-stream or while waiting for a full answer) has its request aborted and its cache blocks
-freed.
+freed. With an API key every route but /health needs it.
+
+What evaluation harnesses use is served as vLLM serves it: completions' `logprobs` and `echo`
+(prompt logprobs, also with max_tokens 0), chat's `logprobs` / `top_logprobs`, and
+`presence_penalty`, `frequency_penalty`, `logit_bias` (leanmoe.infer.sampler).
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from leanmoe.infer.async_engine import AsyncEngine, EngineDeadError
 from leanmoe.infer.engine import LLM, RequestOutput
 from leanmoe.infer.limits import (Offload, ServerLimits, check_choices, check_counts, context_error,
                                   longest_token_bytes, min_tokens, parse_json)
+from leanmoe.infer.logprobs import TokenStrings
 from leanmoe.infer.protocol import ChatCompletionRequest, CompletionRequest, UnsupportedParameter
+from leanmoe.infer.routes import add_routes, load_metrics, request_body
 from leanmoe.infer.responses import (SSE_DONE, APIError, ChatResponses, CompletionResponses, Responses, error_body,
                                      sse)
 from leanmoe.infer.sampling_params import SamplingParams
@@ -79,15 +87,16 @@ def _check_api_key(api_key: str | None) -> None:
 
 
 class BearerAuth:
-    """ASGI middleware: /v1/* needs `Authorization: Bearer <api_key>` (compared in constant time).
-    Plain ASGI rather than BaseHTTPMiddleware, which would hide client disconnects from handlers."""
+    """ASGI middleware: every route but /health needs `Authorization: Bearer <api_key>` (compared
+    in constant time). Plain ASGI rather than BaseHTTPMiddleware, which would hide client
+    disconnects from handlers."""
 
     def __init__(self, app, api_key: str):
         self.app = app
         self.key = api_key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"] != "/health":
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
@@ -111,6 +120,8 @@ class _Handler:
         tok = self.llm.tokenizer
         self.longest_token = longest_token_bytes(tok)  # for the length check before tokenising
         self.tokens_per_message = 2 if hasattr(tok, "encode_chat") else 0  # <|role|> ... <|end|>
+        self.strings = TokenStrings(tok) if tok is not None else None  # token names for logprobs
+        self.metrics = load_metrics(self.llm, model_name)  # None without prometheus_client
 
     # ------------------------------------------------------------------ building requests
     async def prepare(self, request: Request, model: type, build: Callable[[Any], list[Sequence]]
@@ -149,8 +160,8 @@ class _Handler:
             raise context_error(self.llm.max_model_len, f"your prompt has at least {least} tokens ({chars} "
                                 "characters)", param)
 
-    def _sequences(self, prompts: list[str | list[int]], req: Any, extra_stop_ids: list[int], prompt_param: str
-                   ) -> list[Sequence]:
+    def _sequences(self, prompts: list[str | list[int]], req: Any, extra_stop_ids: list[int], prompt_param: str,
+                   logprobs: int | None = None, prompt_logprobs: int | None = None) -> list[Sequence]:
         """req.n sequences per prompt (choice index = prompt index * n + j), validated."""
         llm = self.llm
         limit = llm.max_model_len
@@ -185,15 +196,18 @@ class _Handler:
                         top_k=max(req.top_k or 0, 0),
                         seed=None if req.seed is None else req.seed + j,
                         max_tokens=max_tokens, stop=req.stop_list(), stop_token_ids=extra_stop_ids,
-                        ignore_eos=req.ignore_eos)
+                        ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty or 0.0,
+                        frequency_penalty=req.frequency_penalty or 0.0, logit_bias=req.bias(),
+                        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
                 except UnsupportedParameter as e:
                     raise APIError(400, str(e), param=e.param) from None
-                except ValueError as e:
-                    raise APIError(400, str(e)) from None
+                except ValueError as e:  # SamplingParams names the field first
+                    raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
                 try:
                     seqs.append(llm.make_sequence(ids, params, f"{rid}-{i}-{j}", stream=True))
                 except ValueError as e:
-                    raise APIError(400, str(e), param=prompt_param) from None
+                    param = "logit_bias" if str(e).startswith("logit_bias") else prompt_param
+                    raise APIError(400, str(e), param=param) from None
         return seqs
 
     def completion_sequences(self, req: CompletionRequest) -> list[Sequence]:
@@ -202,7 +216,13 @@ class _Handler:
             prompts = req.prompts()
         except UnsupportedParameter as e:
             raise APIError(400, str(e), param=e.param) from None
-        return self._sequences(prompts, req, [], prompt_param="prompt")
+        seqs = self._sequences(prompts, req, [], "prompt", logprobs=req.logprobs,
+                               prompt_logprobs=req.logprobs if req.echo else None)
+        if req.echo:  # here, off the event loop when the request is large
+            tok = self.llm.tokenizer
+            req._echo_texts = [p if isinstance(p, str) else tok.decode(p) if tok is not None else ""
+                               for p in prompts]
+        return seqs
 
     def chat_sequences(self, req: ChatCompletionRequest) -> list[Sequence]:
         self._check_model(req.model)
@@ -219,11 +239,19 @@ class _Handler:
                 prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        return self._sequences([prompt], req, self.llm.chat_stop_token_ids(), prompt_param="messages")
+        return self._sequences([prompt], req, self.llm.chat_stop_token_ids(), "messages",
+                               logprobs=(req.top_logprobs or 0) if req.logprobs else None)
 
     # ------------------------------------------------------------------ running them
     async def outputs(self, seqs: list[Sequence]) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Outputs of several sequences as they come, tagged with the sequence's index."""
+        """Outputs of several sequences as they come, tagged with the sequence's index; finished
+        ones are recorded in the metrics."""
+        async for i, out in self._outputs(seqs):
+            if out.finished and self.metrics is not None:
+                self.metrics.observe(out)
+            yield i, out
+
+    async def _outputs(self, seqs: list[Sequence]) -> AsyncIterator[tuple[int, RequestOutput]]:
         if len(seqs) == 1:
             async for out in self.engine.generate(seqs[0]):
                 yield 0, out
@@ -278,7 +306,11 @@ class _Handler:
                       kind: type[Responses]) -> Any:
         """The one path of both endpoints: a stream of events, or the whole body once every
         choice has finished (499 if the client left first)."""
-        bodies = kind(self.model_name, seqs, req.n)
+        if isinstance(req, CompletionRequest):
+            wanted, echo = req.logprobs, req._echo_texts
+        else:
+            wanted, echo = (req.top_logprobs or 0) if req.logprobs else None, None
+        bodies = kind(self.model_name, seqs, req.n, self.strings, wanted, echo)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self.events(seqs, bodies, include_usage), media_type="text/event-stream",
@@ -291,7 +323,9 @@ class _Handler:
             raise APIError(500, str(e), type="server_error") from None
         if outs is None:
             return Response(status_code=499)
-        return bodies.full(outs)
+        # the body grows with the logprobs asked for: built and rendered off the loop when large
+        entries = sum(len(o.token_ids) + len(o.prompt_logprobs or ()) for o in outs) if wanted is not None else 0
+        return await self.offload.run(lambda: JSONResponse(bodies.full(outs)), cost=entries * (wanted or 1) * 32)
 
     async def events(self, seqs: list[Sequence], bodies: Responses, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events: each choice's head, its outputs as they come, then usage if asked
@@ -328,7 +362,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             engine.shutdown()
             handler.offload.shutdown()
 
-    app = FastAPI(title="leanmoe", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="leanmoe", lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     app.state.handler = handler
 
     @app.exception_handler(APIError)
@@ -371,17 +405,19 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         handler._check_model(name)
         return model_card()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
     async def completions(request: Request):
         req, seqs = await handler.prepare(request, CompletionRequest, handler.completion_sequences)
         return await handler.respond(request, req, seqs, CompletionResponses)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
         req, seqs = await handler.prepare(request, ChatCompletionRequest, handler.chat_sequences)
         return await handler.respond(request, req, seqs, ChatResponses)
 
+    add_routes(app, handler, secured=api_key is not None)
     return app
+
 
 
 # ---------------------------------------------------------------------------- running it

@@ -62,3 +62,39 @@ def test_leanmoe_eval_command_prints_lm_evals_table(checkpoint, tasks, tmp_path,
     printed = capsys.readouterr().out
     assert "leanmoe_ll" in printed and "acc" in printed
     assert "leanmoe_ll" in json.loads(out.read_text())["results"]
+
+
+def test_lm_eval_local_completions_against_leanmoe_serve(server, checkpoint, tasks, monkeypatch):
+    """lm-eval's own OpenAI client (`local-completions`) against the server: it finds vLLM's
+    tokenizer routes (no tokenizer download), scores with echo + logprobs, generates with stop
+    strings, and gets what LeanMoeLM gets in-process."""
+    import lm_eval
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from lm_eval.tasks import TaskManager
+
+    from leanmoe.infer import harness
+    from tests.infer.helpers import KEY, MODEL
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # local-completions sends it as the bearer token
+    names = ["leanmoe_ll", "leanmoe_gen", "leanmoe_rolling"]
+    eos = server.llm.tokenizer.eos_id  # LeanMoeLM's prefix for an empty context
+    args = {"model": MODEL, "base_url": server.url + "/v1/completions", "auth_token": KEY, "max_length": 256,
+            "custom_prefix_token_id": eos, "max_retries": 1, "timeout": 60}
+    served = lm_eval.simple_evaluate(model=LocalCompletionsAPI(**args), tasks=names, log_samples=True,
+                                     task_manager=TaskManager(include_path=str(tasks)), bootstrap_iters=0)
+    local = lm_eval.simple_evaluate(model=harness.LeanMoeLM(llm=LLM(checkpoint, max_model_len=256)), tasks=names,
+                                    log_samples=True, task_manager=TaskManager(include_path=str(tasks)),
+                                    bootstrap_iters=0)
+
+    def responses(res, task):
+        return [s["resps"] for s in sorted(res["samples"][task], key=lambda s: s["doc_id"])]
+
+    for task in ("leanmoe_ll", "leanmoe_rolling"):
+        got, want = responses(served, task), responses(local, task)
+        flat = [(float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0])) for doc in got for r in doc]
+        ref = [(float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0])) for doc in want for r in doc]
+        assert len(flat) == len(ref) > 0 and flat == pytest.approx(ref, abs=1e-3), task
+    ll_greedy = [r[0][1] for doc in responses(served, "leanmoe_ll") for r in doc]
+    assert ll_greedy == [r[0][1] for doc in responses(local, "leanmoe_ll") for r in doc]
+    assert responses(served, "leanmoe_gen") == responses(local, "leanmoe_gen")
+    assert served["results"]["leanmoe_ll"]["acc,none"] == local["results"]["leanmoe_ll"]["acc,none"]

@@ -8,11 +8,52 @@ from leanmoe.infer.sampling_params import SamplingParams
 
 
 def test_params_validation():
-    for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(max_tokens=0),
-                dict(max_tokens=2.5), dict(stop=[""]), dict(seed="x"), dict(stop_token_ids=[-1])):
-        with pytest.raises(ValueError):
+    for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(max_tokens=-1),
+                dict(max_tokens=2.5), dict(stop=[""]), dict(seed="x"), dict(stop_token_ids=[-1]),
+                dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(frequency_penalty=float("nan")),
+                dict(presence_penalty="1"), dict(logit_bias={5: 101}), dict(logit_bias={-1: 1.0}),
+                dict(logit_bias={"5": 1.0}), dict(logit_bias={5: True}), dict(logprobs=21), dict(logprobs=-1),
+                dict(prompt_logprobs=1.5), dict(logprobs=True), dict(logit_bias=[(5, 1.0)])):
+        field = next(iter(bad))
+        with pytest.raises(ValueError, match=field):  # the message names the field
             SamplingParams(**bad)
     assert SamplingParams(stop="end").stop == ["end"]
+    assert SamplingParams(max_tokens=0, prompt_logprobs=0).max_tokens == 0  # score the prompt only
+    assert not SamplingParams().adjusts_logits and SamplingParams(logit_bias={3: -100}).adjusts_logits
+
+
+def test_adjust_applies_bias_and_penalties_like_openai():
+    """logits[v] += bias[v] - frequency * count[v] - presence * (count[v] > 0), per row; rows that
+    set nothing are unchanged, and a batch where no row does is returned as is."""
+    logits = torch.randn(3, 10)
+    plain = [SamplingParams()] * 3
+    assert Sampler.adjust(logits, plain, [[1, 1], [], [2]]) is logits
+    params = [SamplingParams(frequency_penalty=0.5, presence_penalty=0.25, logit_bias={9: -100.0, 1: 2.0}),
+              SamplingParams(),
+              SamplingParams(presence_penalty=-1.0)]
+    outputs = [[1, 1, 4], [3, 3], []]
+    got = Sampler.adjust(logits.half(), params, outputs)
+    want = logits.half().float().clone()
+    want[0, 9] -= 100.0
+    want[0, 1] += 2.0 - 0.5 * 2 - 0.25
+    want[0, 4] -= 0.5 + 0.25
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_logprobs_are_those_of_the_sampling_distribution():
+    s = Sampler("cpu")
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [2.0, 1.0, 0.0, -1.0]])
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.5, top_k=2)]
+    tokens = torch.tensor([1, 1])
+    chosen, top, ids = s.logprobs(logits, params, tokens, 3)
+    greedy = logits[0].log_softmax(-1)  # greedy rows: temperature 1
+    assert chosen[0].item() == pytest.approx(greedy[1].item(), abs=1e-6)
+    assert ids[0].tolist() == [1, 3, 2]
+    # temperature 0.5 over the two kept tokens; the third alternative was filtered out (-inf)
+    kept = (logits[1, :2] / 0.5).log_softmax(-1)
+    assert chosen[1].item() == pytest.approx(kept[1].item(), abs=1e-6)
+    assert ids[1, :2].tolist() == [0, 1] and top[1, 2].item() == float("-inf")
 
 
 def test_greedy_and_filters():
