@@ -107,7 +107,7 @@ def train_checkpoint(out: Path, steps: int, data: str | None) -> Path:
     return (run_dir / "checkpoints" / "latest").resolve()
 
 
-def _random_checkpoint(folder: Path, corpus: Path) -> Path:
+def _random_checkpoint(folder: Path, corpus: Path, config: dict | None = None) -> Path:
     """The random initialisation saved as a model folder, with a tokenizer trained on `corpus`."""
     import torch
 
@@ -116,7 +116,7 @@ def _random_checkpoint(folder: Path, corpus: Path) -> Path:
     from leanmoe.weights import write_generation_config
 
     torch.manual_seed(0)
-    cfg = ModelConfig(**INTEROP_CONFIG)
+    cfg = ModelConfig(**(config or INTEROP_CONFIG))
     save_pretrained(Transformer(cfg), folder)
     texts = (f.read_text(encoding="utf-8", errors="ignore") for f in sorted(corpus.rglob("*.txt")))
     tok = train_tokenizer(texts, cfg.vocab_size, show_progress=False)

@@ -1,0 +1,55 @@
+"""The plain helpers of bench/moe_vs_dense.py (the study of issue #14): run order, interpolation,
+compute multiplier, summary rows."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("moe_vs_dense", Path(__file__).parents[1] / "bench" / "moe_vs_dense.py")
+study = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(study)
+
+
+def _run(model, seed, bpb, tokens, curve, budget="10m", budget_s=600.0, tps=1000.0):
+    return {"corpus": "stdlib", "budget": budget, "budget_s": budget_s, "seed": seed, "model": model,
+            "val_bpb": bpb, "tokens": tokens, "tokens_per_second": tps,
+            "curve": [[i + 1, t, 10.0 * (i + 1), b] for i, (t, b) in enumerate(curve)]}
+
+
+def test_pairs_run_back_to_back_with_alternating_order():
+    plan = study.run_plan(["a"], ["10m", "30m"], [0, 1])
+    assert [m for *_, m in plan] == ["MoE", "dense", "dense", "MoE", "MoE", "dense", "dense", "MoE"]
+    assert plan[0][:3] == plan[1][:3] == ("a", "10m", 0) and plan[2][:3] == ("a", "10m", 1)
+
+
+def test_tokens_to_reach_interpolates_and_says_never():
+    curve = [(100, 3.0), (200, 2.5), (300, 2.0)]
+    assert study.tokens_to_reach(curve, 2.25) == pytest.approx(250.0)
+    assert study.tokens_to_reach(curve, 2.5) == pytest.approx(200.0)
+    assert study.tokens_to_reach(curve, 1.9) is None
+    assert study.tokens_to_reach(curve, 3.5) == 100.0  # already below at the first evaluation
+    assert study.tokens_to_reach([], 1.0) is None
+
+
+def test_multiplier_reached_not_reached_and_bounded_by_a_longer_run():
+    moe = _run("MoE", 0, 2.2, 1000, [(500, 2.6), (1000, 2.2)])
+    assert study.multiplier_text(moe, _run("dense", 0, 2.0, 1100, [(500, 2.4), (1100, 2.0)]), []) == "0.80x"
+    dense = _run("dense", 0, 2.3, 1100, [(550, 2.7), (1100, 2.3)])
+    assert study.multiplier_text(moe, dense, []) == "not reached (>1.10x)"
+    longer = _run("dense", 0, 2.0, 3300, [(1100, 2.4), (2200, 2.2), (3300, 2.0)], budget="30m", budget_s=1800.0)
+    assert study.multiplier_text(moe, dense, [longer]) == "not reached (>1.10x, <=2.20x by the 30m run)"
+    early = _run("dense", 0, 2.0, 1100, [(800, 2.1), (1100, 2.0)])  # below the MoE's final bpb at its first eval
+    assert study.multiplier_text(moe, early, []) == "<=0.80x"
+
+
+def test_summary_target_needs_every_seed():
+    runs = [_run("MoE", 0, 2.10, 1000, [(1000, 2.10)]), _run("dense", 0, 2.15, 1100, [(1100, 2.15)]),
+            _run("MoE", 1, 2.10, 1000, [(1000, 2.10)]), _run("dense", 1, 2.12, 1100, [(1100, 2.12)]),
+            _run("MoE", 2, 2.0, 1000, [(1000, 2.0)])]  # seed 2's dense run has not finished: left out
+    (row,) = study.summarize(runs)
+    assert row["seeds"] == [0, 1] and row["margins"] == pytest.approx([0.05, 0.02])
+    assert row["target"] == 0.03 and not row["target_met"]
+    assert study.target_margin(1800) == 0.05
+    text = study.markdown([row], None, ["busy"])
+    assert "+0.0500 / +0.0200" in text and "no (>= 0.03" in text and "not quiet" in text
