@@ -251,3 +251,15 @@ def test_405_names_the_allowed_methods(server):
     r = httpx.post(server.url + "/health")
     assert_openai_error(r, 405)
     assert r.headers["allow"] == "GET"
+
+
+def test_serving_threads_leave_a_core_to_the_event_loop(monkeypatch):
+    from leanmoe.infer.server import serving_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [serving_threads(cores=c) for c in (1, 2, 16)] == [1, 1, 15]
+    assert serving_threads(3, cores=2) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert serving_threads(cores=2) == 2
+    with pytest.raises(ValueError, match="--threads"):
+        serving_threads(0)
