@@ -448,8 +448,8 @@ def serve(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
 def serving_threads(requested: int | None = None, cores: int | None = None) -> int:
     """CPU threads for the model while serving: `requested`, else $OMP_NUM_THREADS when set, else
     all cores but one. NOTE: the event loop (HTTP, SSE, detokenising) needs a core of its own; on
-    the 2-core benchmark machine 1 model thread served 15% more tokens/s at concurrency 16 and 30%
-    more on a single stream than 2 (docs/benchmarks.md)."""
+    the 2-core benchmark machine 1 model thread served ~16% more tokens/s on a single stream and
+    ~5% more at concurrency 16 than 2 threads (noisy; docs/benchmarks.md)."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--threads must be at least 1, got {requested}")
