@@ -8,16 +8,11 @@ from pathlib import Path
 import pytest
 
 from leanmoe.cli import main
-from tests.util import MICRO_TRAIN, write_corpus
 
 
 @pytest.fixture
-def corpus(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("LEANMOE_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "corpus"
-    write_corpus(folder, n_docs=12, lines=30)
-    (tmp_path / "micro.json").write_text(json.dumps(MICRO_TRAIN))
-    return folder
+def corpus(small_corpus) -> Path:
+    return small_corpus
 
 
 def _train(tmp_path, corpus, *extra) -> list[str]:

@@ -15,16 +15,11 @@ from leanmoe.train import TrainConfig, Trainer, TrainingError
 from leanmoe.train import run_checkpoint as ckpt_mod
 from leanmoe.train.run_checkpoint import latest_checkpoint, list_checkpoints
 from leanmoe.train.run_folder import RUN_MARKER
-from tests.util import MICRO_TRAIN, write_corpus
 
 
 @pytest.fixture
-def corpus(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("LEANMOE_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "corpus"
-    write_corpus(folder, n_docs=12, lines=30)
-    (tmp_path / "micro.json").write_text(json.dumps(MICRO_TRAIN))
-    return folder
+def corpus(small_corpus) -> Path:
+    return small_corpus
 
 
 def _tc(tmp_path, corpus, out, **kw) -> TrainConfig:
