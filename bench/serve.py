@@ -43,6 +43,21 @@ def build_checkpoint(preset: str, folder: str) -> str:
     return folder
 
 
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float) -> None:
+    """Until `url`/health answers 200; RuntimeError if the server exits or `timeout` s pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        time.sleep(0.2)
+    raise RuntimeError(f"the server did not answer /health in {timeout:.0f} s")
+
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
@@ -119,16 +134,10 @@ def main() -> None:
             f"max_num_seqs={max(args.concurrency, 1)}, speculative={args.speculative})")
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start")
-            time.sleep(0.2)
+        try:
+            wait_ready(proc, url, 300)
+        except RuntimeError as e:
+            raise SystemExit(f"the server did not start: {e}") from None
         words = open(__file__, encoding="utf-8").read().split()
         prompts = [" ".join(words[i * 7 % 400: i * 7 % 400 + 24]) for i in range(args.requests)]
         asyncio.run(load(url, prompts[: min(8, len(prompts))], args.concurrency, 4))  # warm-up

@@ -29,12 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.interop import (CACHE, INTEROP_CONFIG, _random_checkpoint, _stdlib_corpus, ensure_vllm,  # noqa: E402
                            vllm_greedy)
-from bench.serve import load, pct  # noqa: E402
+from bench.serve import load, pct, wait_ready  # noqa: E402
 from tests.util import free_port  # noqa: E402
 
 CONFIG = {**INTEROP_CONFIG, "num_hidden_layers": 4, "num_nextn_predict_layers": 0}
@@ -67,20 +65,6 @@ def start(engine: str, ckpt: Path, port: int, python: str | None, max_seqs: int,
         env.pop("PYTHONPATH", None)
     f = open(log, "a")
     return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        time.sleep(0.5)
-    raise RuntimeError(f"the server did not answer /health in {timeout:.0f} s")
 
 
 def stop(proc: subprocess.Popen) -> None:

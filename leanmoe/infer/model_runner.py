@@ -32,6 +32,7 @@ from leanmoe.infer.logprobs import TokenLogprob
 from leanmoe.infer.paged_cache import DecodeMetadata, PagedAttention, PagedLatentCache, PrefillMetadata
 from leanmoe.infer.sampler import Sampler
 from leanmoe.infer.scheduler import ScheduledBatch
+from leanmoe.infer.scoring import logprob_rows
 from leanmoe.infer.sequence import Sequence
 from leanmoe.model.transformer import Transformer
 
@@ -120,11 +121,7 @@ class ModelRunner:
         for lo in range(0, n - 1, chunk):  # row lo predicts prompt token lo + 1
             hi = min(n - 1, lo + chunk)
             logp_CV = self.model.lm_head(h_ND[start + lo: start + hi]).float().log_softmax(dim=-1)
-            target = self._tensor(ids[lo + 1: hi + 1])
-            chosen = logp_CV.gather(1, target[:, None])[:, 0].tolist()  # host sync: only with prompt logprobs
-            tops, top_ids = logp_CV.topk(min(top_n, logp_CV.shape[-1]), dim=-1)
-            for j, (vals, idx) in enumerate(zip(tops.tolist(), top_ids.tolist())):
-                out.append(TokenLogprob(ids[lo + 1 + j], chosen[j], list(zip(idx, vals))))
+            out += logprob_rows(logp_CV, ids[lo + 1: hi + 1], top_n)  # host sync: only with prompt logprobs
         return out
 
     # ------------------------------------------------------------------ steps

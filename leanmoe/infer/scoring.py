@@ -17,7 +17,7 @@ import torch
 from leanmoe.infer.logprobs import TokenLogprob
 from leanmoe.model import Transformer
 
-__all__ = ["score_continuations", "token_logprobs", "TokenLogprob"]
+__all__ = ["score_continuations", "token_logprobs", "logprob_rows", "TokenLogprob"]
 
 
 def _batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -76,12 +76,18 @@ def token_logprobs(model: Transformer, ids: list[int], top_n: int = 0) -> list[T
     if not ids:
         return []
     logp = _forward(model, [ids])[0]  # [T, V]; row i predicts token i + 1
-    out = [TokenLogprob(ids[0], None, [])]
-    if len(ids) > 1:
-        target = torch.tensor(ids[1:], device=logp.device)
-        chosen = logp[:-1].gather(-1, target[:, None])[:, 0].tolist()
-        tops = logp[:-1].topk(min(top_n, logp.shape[-1]), dim=-1) if top_n > 0 else None
-        for i, tok in enumerate(ids[1:]):
-            top = list(zip(tops.indices[i].tolist(), tops.values[i].tolist())) if tops is not None else []
-            out.append(TokenLogprob(tok, chosen[i], top))
-    return out
+    return [TokenLogprob(ids[0], None, [])] + logprob_rows(logp[:-1], ids[1:], top_n)
+
+
+def logprob_rows(logp_TV: torch.Tensor, targets: list[int], top_n: int) -> list[TokenLogprob]:
+    """Row t of log-probabilities [T, V] scored at targets[t], with its `top_n` most likely ids."""
+    if not targets:
+        return []
+    target = torch.tensor(targets, device=logp_TV.device)
+    chosen = logp_TV.gather(-1, target[:, None])[:, 0].tolist()  # host sync: the caller asked for logprobs
+    if top_n > 0:
+        vals, idx = logp_TV.topk(min(top_n, logp_TV.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+    else:
+        tops = [[] for _ in targets]
+    return [TokenLogprob(t, c, top) for t, c, top in zip(targets, chosen, tops)]

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["ParallelDims", "env_world_size", "init_process_group", "local_device",
-           "is_initialized", "rank", "world_size", "is_rank0", "broadcast_str", "broadcast_flag",
+           "is_initialized", "rank", "world_size", "is_rank0", "broadcast_str",
            "broadcast_float", "all_reduce_sum"]
 
 
@@ -143,15 +143,6 @@ def broadcast_str(text: str, src: int = 0) -> str:
         data = torch.empty(int(n), dtype=torch.uint8)
     dist.broadcast(data, src)
     return bytes(data.tolist()).decode()
-
-
-def broadcast_flag(flag: bool, src: int = 0) -> bool:
-    """Rank `src`'s boolean on every rank."""
-    if not is_initialized():
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int64)
-    dist.broadcast(t, src)
-    return bool(t.item())
 
 
 def broadcast_float(value: float, src: int = 0) -> float:

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import math
 import platform
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,8 +289,6 @@ class ProgressDisplay:
     def warn(self, msg: str) -> None:
         """Something the user must see even with --quiet (stderr, rank 0 only)."""
         if self.rank0:
-            import sys
-
             print(f"[leanmoe] warning: {msg}", file=sys.stderr, flush=True)
 
     def open(self) -> None:

@@ -98,7 +98,7 @@ class Trainer:
         self.start_state: dict[str, Any] | None = None  # step, tokens, elapsed where training (re)starts
         self._compiled_loss = None
         self._compile_explicit = tc.compile == "on"  # --compile on, not the GPU default
-        self._peak_flops: float | None = None
+        self._mfu_per_tps: float | None = None  # MFU of 1 token/s (None on CPU/MPS: no peak to compare)
         self._created_run_dir = False
 
     # ------------------------------------------------------------------ setup
@@ -134,7 +134,8 @@ class Trainer:
 
         torch.manual_seed(tc.seed)
         self.model = self._build_model(cfg).train()
-        self._peak_flops = self.peak_flops()
+        peak = self.peak_flops()
+        self._mfu_per_tps = cfg.flops_per_token(tc.seq_len) / (peak * world.size) if peak else None
         self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
         self.loader = TokenLoader(self.shards.train, tc.micro_batch_size, tc.seq_len, seed=tc.seed, rank=world.rank,
                                   world_size=world.size)
@@ -371,11 +372,10 @@ class Trainer:
         s.tokens += tc.batch_size * tc.seq_len
         s.last_loss = loss
         tps = tc.batch_size * tc.seq_len / (time.perf_counter() - t0)
-        peak = self._peak_flops
         return {
             "step": s.step, "loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss, "aux_loss": aux_loss,
             "lr": lr, "grad_norm": float(grad_norm), "tokens": s.tokens, "tokens_per_second": tps,
-            "elapsed": None, "mfu": self.cfg.flops_per_token(tc.seq_len) * tps / (peak * world.size) if peak else None,
+            "elapsed": None, "mfu": tps * self._mfu_per_tps if self._mfu_per_tps else None,
             "load_max_over_mean": ((load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).tolist()
                                    if load.numel() else []),  # [] for a dense model
         }, stopping
