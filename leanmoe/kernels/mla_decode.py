@@ -88,11 +88,16 @@ def mla_decode_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
 def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float | None = None,
                      causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole batch at once in torch (the CPU path): gather every sequence's blocks (padded to
-    the longest table), mask keys past each length (and, causal, past each query's position),
-    softmax in fp32. No host sync and a fixed number of ops whatever the batch size; memory
-    b * max_blocks * block_size * d per call. Padding slots are zeroed before use, so NaN there
-    cannot leak; table entries past a sequence's blocks are never dereferenced."""
+    """The whole batch at once in torch (the CPU path): gather every sequence's tokens (padded to
+    the longest table) with one `index_select` over the cache's slots, two batched GEMMs, softmax
+    in fp32. No host sync and a fixed number of ops whatever the batch size; memory
+    b * max_blocks * block_size * d per call.
+
+    A padding position is pointed at its sequence's first slot (always visible, so finite unless
+    the output is NaN anyway) and masked out of the softmax, so it adds exactly 0 and NaN in unused
+    slots cannot leak; table entries past a sequence's blocks are never dereferenced, and a
+    sequence with no tokens gets zeros. (Zeroing gathered padding, or advanced indexing by block,
+    each cost more than the GEMMs on CPU: see docs/benchmarks.md.)"""
     _check(q, kv_cache, block_table, cache_seqlens, head_dim_v)
     b, s_q, h_q, d = q.shape
     bs = kv_cache.shape[1]
@@ -100,22 +105,23 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     n_keys = block_table.shape[1] * bs
     seqlens = cache_seqlens.long()
     key_pos = torch.arange(n_keys, device=q.device)
-    blocks = torch.where(key_pos[::bs][None] < seqlens[:, None], block_table.long(), 0)
-    k = kv_cache[blocks].view(b, n_keys, d).float()  # [b, S, d]; a fresh tensor unless kv_cache is fp32 ...
-    if k.dtype == kv_cache.dtype:  # ... in which case the gather already copied: zero its padding in place
-        k.masked_fill_(~(key_pos[None] < seqlens[:, None])[..., None], 0.0)
-    else:
-        k = k.masked_fill(~(key_pos[None] < seqlens[:, None])[..., None], 0.0)
-    scores = torch.einsum("bqhd,bsd->bhqs", q.float(), k) * scale
+    valid = key_pos[None] < seqlens[:, None]  # [b, S]
+    slots = block_table.long().repeat_interleave(bs, dim=1) * bs + key_pos % bs
+    slots = torch.where(valid, slots, torch.where(seqlens[:, None] > 0, slots[:, :1], 0))
+    k = kv_cache.view(-1, d).index_select(0, slots.view(-1)).view(b, n_keys, d).float()  # [b, S, d]
     # query i may see keys < limit[b, i]
     limit = (seqlens[:, None] - (s_q - 1 - torch.arange(s_q, device=q.device))[None] if causal
              else seqlens[:, None].expand(b, s_q))
-    scores = scores.masked_fill(~(key_pos[None, None] < limit[..., None])[:, None], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [b, h, s_q]
-    p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows with no key: all zero
+    hidden = ~(key_pos[None, None] < limit[..., None])  # [b, s_q, S]
+    scores = torch.bmm(q.float().reshape(b, s_q * h_q, d), k.transpose(1, 2)).mul_(scale)
+    scores = scores.view(b, s_q, h_q, n_keys).masked_fill_(hidden[:, :, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [b, s_q, h_q]
+    p = torch.exp(scores - lse[..., None]).nan_to_num_(0.0)  # rows with no key: all zero
     # NOTE: multiplying by all d columns and dropping the rope ones after costs (d - dv) / dv more
     # flops but no strided copy of the gathered keys (which took longer than the product on CPU)
-    return torch.einsum("bhqs,bsd->bqhd", p, k)[..., :head_dim_v].to(q.dtype), lse
+    out = torch.bmm(p.view(b, s_q * h_q, n_keys), k).view(b, s_q, h_q, d)[..., :head_dim_v]
+    out = out.masked_fill((seqlens == 0)[:, None, None, None], 0.0)  # its keys all point at slot 0: anything
+    return out.to(q.dtype), lse.transpose(1, 2)
 
 
 @triton_jit

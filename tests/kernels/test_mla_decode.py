@@ -91,6 +91,15 @@ def test_batched_torch_path_matches_reference(block_size, s_q, causal):
                     *mla_decode_reference(q, kv, bt, seqlens, dv, causal=causal), torch.bfloat16)
 
 
+def test_batched_torch_path_empty_sequence_on_a_nan_slot_zero():
+    # the empty sequence owns block 0, so the cache's slot 0 (where its padding points) holds NaN
+    q, kv, bt, seqlens, dv = _case(2, 1, 3, MICRO, 4, [0, 9], torch.float32, shuffle=False)
+    assert bt[0, 0] == 0 and kv.view(-1, kv.shape[-1])[0].isnan().all()
+    out, lse = mla_decode_torch(q, kv, bt, seqlens, dv, 0.3, causal=True)
+    _assert_matches(out, lse, *mla_decode_reference(q, kv, bt, seqlens, dv, 0.3, True), torch.float32)
+    assert (out[0] == 0).all()
+
+
 @needs_triton
 @pytest.mark.parametrize("s_q", [1, 2])
 @pytest.mark.parametrize("causal", [False, True])
