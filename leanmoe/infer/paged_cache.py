@@ -21,7 +21,7 @@ Two step kinds, chosen by the metadata the model runner sets before each forward
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -67,11 +67,13 @@ class PrefillMetadata:
 @dataclass
 class DecodeMetadata:
     """slot_mapping [B*T] int64; block_table [B, max_blocks] int32; cache_seqlens [B] int32
-    (valid tokens per sequence, this step's T included)."""
+    (valid tokens per sequence, this step's T included). plans: the CPU attention's per-step
+    memo, filled by the first layer (leanmoe.kernels.mla_decode.mla_decode_torch)."""
 
     slot_mapping: torch.Tensor
     block_table: torch.Tensor
     cache_seqlens: torch.Tensor
+    plans: dict = field(default_factory=dict)
 
 
 class PagedAttention:
@@ -100,7 +102,7 @@ class PagedAttention:
             if cached == 0:  # keys are exactly this step's tokens
                 kv_c_s, k_pe_s = kv_c[:, start:end], k_pe[:, start:end]
             else:  # prefix from the cache, then the new tokens just written
-                past = slots[all_slots][None]  # [1, S, d]
+                past = slots.index_select(0, all_slots)[None]  # [1, S, d]
                 kv_c_s, k_pe_s = past[..., :c].to(kv_c.dtype), past[..., c:].to(k_pe.dtype)
             outs.append(attn.attend_expanded(q_nope[:, start:end], q_pe[:, start:end], kv_c_s, k_pe_s))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
@@ -108,22 +110,22 @@ class PagedAttention:
     def _decode(self, attn: MLA, meta: DecodeMetadata, q_nope, q_pe) -> torch.Tensor:
         # q = [W_UK^T q_nope ; q_pe] [B, T, H, C+R] -> mla_decode (FlashMLA's contract) -> W_UV
         return paged_mla_attend(attn, q_nope, q_pe, self.cache.paged[attn.layer_idx], meta.block_table,
-                                meta.cache_seqlens)
+                                meta.cache_seqlens, meta.plans)
 
 
 def paged_mla_attend(attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
-                     block_table: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
+                     block_table: torch.Tensor, cache_seqlens: torch.Tensor, plans: dict | None = None) -> torch.Tensor:
     """One MLA layer's absorbed attention over a paged latent cache: what a paged
     `AttentionBackend.attend` calls after writing this step's latents into `kv_cache`.
 
     attn: the layer's `leanmoe.model.attention.MLA`; q_nope [B, T, H, N], q_pe [B, T, H, R]
     (rotated); kv_cache [n_blocks, bs, 1, C + R] holding [c_kv ; k_pe] per token, this step's T
     included; cache_seqlens [B] counts them. -> [B, T, H*V] (before o_proj), causal over the T new
-    tokens as `MLA.attend_absorbed`.
+    tokens as `MLA.attend_absorbed`. plans: a per-step memo shared by the layers (DecodeMetadata.plans).
     """
     q = torch.cat([attn.absorb_q(q_nope), q_pe], dim=-1).to(kv_cache.dtype)  # [B, T, H, C + R]
     o_lat, _ = _mla_decode()(q.contiguous(), kv_cache, block_table, cache_seqlens, attn.kv_lora_rank,
-                          softmax_scale=attn.scale, causal=True)
+                          softmax_scale=attn.scale, causal=True, plans=plans)
     return attn.unabsorb_o(o_lat.to(q_nope.dtype))
 
 

@@ -43,7 +43,7 @@ import torch
 
 from leanmoe.kernels.dispatch import cdiv, check_tile_config, next_power_of_2, tl, triton_jit, use_triton
 
-__all__ = ["mla_decode", "mla_decode_reference", "mla_decode_torch", "mla_decode_triton"]
+__all__ = ["mla_decode", "mla_decode_plan", "mla_decode_reference", "mla_decode_torch", "mla_decode_triton"]
 
 
 def _check(q, kv_cache, block_table, cache_seqlens, head_dim_v):
@@ -85,9 +85,28 @@ def mla_decode_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
 
 
 # ---------------------------------------------------------------------- Triton kernels
+def mla_decode_plan(block_table: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int, s_q: int, h_q: int,
+                    causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `mla_decode_torch` needs from the table and lengths alone, so that a step makes it once
+    for all its layers (as FlashMLA's `get_mla_metadata`): the slot each padded key position reads
+    [b * S] int64, the additive score mask [b, s_q * h_q, S] (0 or -inf), and which sequences are
+    empty [b, 1, 1, 1]."""
+    b, n_keys = block_table.shape[0], block_table.shape[1] * block_size
+    seqlens = cache_seqlens.long()
+    key_pos = torch.arange(n_keys, device=block_table.device)
+    slots = block_table.long().repeat_interleave(block_size, dim=1) * block_size + key_pos % block_size  # [b, S]
+    slots = torch.where(key_pos[None] < seqlens[:, None], slots, torch.where(seqlens[:, None] > 0, slots[:, :1], 0))
+    # query i may see keys < limit[b, i]
+    limit = (seqlens[:, None] - (s_q - 1 - torch.arange(s_q, device=block_table.device))[None] if causal
+             else seqlens[:, None].expand(b, s_q))
+    hidden = ~(key_pos[None, None] < limit[..., None])  # [b, s_q, S]
+    bias = torch.zeros(b, s_q, h_q, n_keys, device=block_table.device).masked_fill_(hidden[:, :, None], float("-inf"))
+    return slots.view(-1), bias.view(b, s_q * h_q, n_keys), (seqlens == 0)[:, None, None, None]
+
+
 def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float | None = None,
-                     causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     causal: bool = False, plans: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole batch at once in torch (the CPU path): gather every sequence's tokens (padded to
     the longest table) with one `index_select` over the cache's slots, two batched GEMMs, softmax
     in fp32. No host sync and a fixed number of ops whatever the batch size; memory
@@ -97,31 +116,30 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     the output is NaN anyway) and masked out of the softmax, so it adds exactly 0 and NaN in unused
     slots cannot leak; table entries past a sequence's blocks are never dereferenced, and a
     sequence with no tokens gets zeros. (Zeroing gathered padding, or advanced indexing by block,
-    each cost more than the GEMMs on CPU: see docs/benchmarks.md.)"""
+    each cost more than the GEMMs on CPU: see docs/benchmarks.md.)
+
+    plans: a dict the caller keeps for one set of (block_table, cache_seqlens), e.g. one engine
+    step's: the `mla_decode_plan` is made on the first call and reused by the others."""
     _check(q, kv_cache, block_table, cache_seqlens, head_dim_v)
     b, s_q, h_q, d = q.shape
-    bs = kv_cache.shape[1]
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
-    n_keys = block_table.shape[1] * bs
-    seqlens = cache_seqlens.long()
-    key_pos = torch.arange(n_keys, device=q.device)
-    valid = key_pos[None] < seqlens[:, None]  # [b, S]
-    slots = block_table.long().repeat_interleave(bs, dim=1) * bs + key_pos % bs
-    slots = torch.where(valid, slots, torch.where(seqlens[:, None] > 0, slots[:, :1], 0))
-    k = kv_cache.view(-1, d).index_select(0, slots.view(-1)).view(b, n_keys, d).float()  # [b, S, d]
-    # query i may see keys < limit[b, i]
-    limit = (seqlens[:, None] - (s_q - 1 - torch.arange(s_q, device=q.device))[None] if causal
-             else seqlens[:, None].expand(b, s_q))
-    hidden = ~(key_pos[None, None] < limit[..., None])  # [b, s_q, S]
-    scores = torch.bmm(q.float().reshape(b, s_q * h_q, d), k.transpose(1, 2)).mul_(scale)
-    scores = scores.view(b, s_q, h_q, n_keys).masked_fill_(hidden[:, :, None], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [b, s_q, h_q]
-    p = torch.exp(scores - lse[..., None]).nan_to_num_(0.0)  # rows with no key: all zero
+    key = (kv_cache.shape[1], s_q, h_q, causal, tuple(block_table.shape))
+    plan = None if plans is None else plans.get(key)
+    if plan is None:
+        plan = mla_decode_plan(block_table, cache_seqlens, kv_cache.shape[1], s_q, h_q, causal)
+        if plans is not None:
+            plans[key] = plan
+    slots, bias, empty = plan
+    n_keys = bias.shape[-1]
+    k = kv_cache.view(-1, d).index_select(0, slots).view(b, n_keys, d).float()  # [b, S, d]
+    scores = torch.baddbmm(bias, q.float().reshape(b, s_q * h_q, d), k.transpose(1, 2), alpha=scale)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True).masked_fill_(empty[:, 0], float("-inf"))  # [b, s_q * h_q, 1]
+    p = scores.sub_(lse).exp_().nan_to_num_(0.0)  # rows with no key: all zero
     # NOTE: multiplying by all d columns and dropping the rope ones after costs (d - dv) / dv more
     # flops but no strided copy of the gathered keys (which took longer than the product on CPU)
-    out = torch.bmm(p.view(b, s_q * h_q, n_keys), k).view(b, s_q, h_q, d)[..., :head_dim_v]
-    out = out.masked_fill((seqlens == 0)[:, None, None, None], 0.0)  # its keys all point at slot 0: anything
-    return out.to(q.dtype), lse.transpose(1, 2)
+    out = torch.bmm(p, k).view(b, s_q, h_q, d)[..., :head_dim_v]
+    out = out.masked_fill(empty, 0.0)  # an empty sequence's keys all point at slot 0, which may hold anything
+    return out.to(q.dtype), lse.view(b, s_q, h_q).transpose(1, 2)
 
 
 @triton_jit
@@ -286,10 +304,12 @@ def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torc
 # ---------------------------------------------------------------------- dispatch
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
                head_dim_v: int, softmax_scale: float | None = None, causal: bool = False, *,
-               tile_config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               tile_config: tuple[int, int, int, int] | None = None,
+               plans: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashMLA-compatible paged MLA decode (see the module docstring). -> (out [b, s_q, h_q, dv],
-    lse [b, h_q, s_q] fp32). tile_config: the Triton path's tile choice (see mla_decode_triton)."""
+    lse [b, h_q, s_q] fp32). tile_config: the Triton path's tile choice (see mla_decode_triton);
+    plans: the torch path's per-step memo (see mla_decode_torch)."""
     if use_triton(q):
         return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
                                  tile_config=tile_config)
-    return mla_decode_torch(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
+    return mla_decode_torch(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, plans)

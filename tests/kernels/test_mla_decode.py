@@ -197,3 +197,16 @@ def test_call_site_decodes_like_the_contiguous_cache(path, monkeypatch):
         full = model(ids)  # and both equal the uncached forward
     torch.testing.assert_close(got, full[:, -2:], rtol=1e-4, atol=1e-4)
     assert math.isfinite(got.sum().item())
+
+
+def test_batched_torch_path_plan_is_made_once_per_step_and_changes_nothing():
+    # one step's layers share the table and lengths: the first call makes the plan, the rest reuse it
+    q, kv, bt, seqlens, dv = _case(3, 2, 4, MICRO, 5, [17, 3, 33], torch.float32)
+    plans: dict = {}
+    first = mla_decode_torch(q, kv, bt, seqlens, dv, 0.3, True, plans)
+    assert len(plans) == 1
+    (key, plan), = plans.items()
+    again = mla_decode_torch(q * 2, kv, bt, seqlens, dv, 0.3, True, plans)
+    assert len(plans) == 1 and plans[key] is plan
+    for got, qq in ((first, q), (again, q * 2)):
+        _assert_matches(*got, *mla_decode_reference(qq, kv, bt, seqlens, dv, 0.3, True), torch.float32)
