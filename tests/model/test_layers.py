@@ -119,6 +119,21 @@ def test_rmsnorm_matches_formula_with_eps(shape):
     assert "5, eps=1e-12" in repr(small)
 
 
+def test_rmsnorm_fp32_gradients_match_the_formula():
+    # fp32 takes torch's fused rms_norm: its input and weight gradients are the formula's
+    norm = RMSNorm(8, eps=1e-3)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-1, 2, 8))
+    x = torch.randn(3, 4, 8, requires_grad=True)
+    g = torch.randn(3, 4, 8)
+    (norm(x) * g).sum().backward()
+    fused = x.grad.clone(), norm.weight.grad.clone()
+    x.grad, norm.weight.grad = None, None
+    ((norm.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-3)) * g).sum().backward()
+    torch.testing.assert_close(fused[0], x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused[1], norm.weight.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_rmsnorm_bf16_is_computed_in_fp32():
     norm = RMSNorm(64)
     x = torch.randn(4, 64) * 100
