@@ -20,7 +20,7 @@ from typing import Any
 from leanmoe.infer.engine import LLM, RequestOutput
 from leanmoe.infer.sequence import Sequence
 
-__all__ = ["AsyncEngine", "EngineDeadError"]
+__all__ = ["AsyncEngine", "EngineDeadError", "Relay", "deliver"]
 
 log = logging.getLogger("leanmoe.infer")
 
@@ -29,20 +29,76 @@ class EngineDeadError(RuntimeError):
     """The engine thread is not running."""
 
 
-class AsyncEngine:
+class Relay:
+    """The asyncio side an engine shares with its clients: `generate` registers a queue per
+    request, which the engine's thread fills through `_deliver`. Subclasses say whether they take
+    requests (`_accepting`) and how a request reaches the engine (`_submit`, `_cancel`)."""
+
+    def __init__(self) -> None:
+        self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # registration of a listener and the dead engine's last broadcast exclude each other, so
+        # no request can register after that broadcast and wait forever
+        self._lock = threading.Lock()
+        self._dead = False
+
+    def _accepting(self) -> bool:
+        raise NotImplementedError
+
+    def _submit(self, seq: Sequence) -> None:
+        raise NotImplementedError
+
+    def _cancel(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    async def generate(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
+        """Submit a sequence (from `LLM.make_sequence`) and yield its outputs until it finishes.
+        Leaving the loop early (break, cancellation, disconnect) aborts the request."""
+        rid = seq.request_id
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if not self._accepting():
+                raise EngineDeadError("the inference engine is not running")
+            if rid in self._listeners:
+                raise ValueError(f"request id {rid!r} is already in use")
+            self._listeners[rid] = (asyncio.get_running_loop(), q)
+        finished = False
+        try:
+            self._submit(seq)
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._listeners.pop(rid, None)
+            if not finished:
+                self._cancel(rid)
+
+    def _deliver(self, items: list[tuple[str, Any]]) -> None:
+        deliver(self._listeners, items)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """The engine is gone: no new listener may register, and each waiting one gets `error`."""
+        with self._lock:
+            self._dead = True
+            waiting = list(self._listeners)
+        self._deliver([(rid, error) for rid in waiting])
+
+
+class AsyncEngine(Relay):
     """Usage (inside a running event loop): engine.start();
     async for out in engine.generate(llm.make_sequence(prompt, params, stream=True)): ..."""
 
     def __init__(self, llm: LLM):
+        super().__init__()
         self.llm = llm
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
-        # registration of a listener and the dead thread's last broadcast exclude each other, so
-        # no request can register after that broadcast and wait forever
-        self._lock = threading.Lock()
-        self._dead = False
         self.error: BaseException | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -69,34 +125,21 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def counters(self) -> dict[str, float]:
+        """The engine state /metrics reports (leanmoe.infer.metrics.engine_counters)."""
+        from leanmoe.infer.metrics import engine_counters
+
+        return engine_counters(self.llm)
+
     # ------------------------------------------------------------------ requests
-    async def generate(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
-        """Submit a sequence (from `LLM.make_sequence`) and yield its outputs until it finishes.
-        Leaving the loop early (break, cancellation, disconnect) aborts the request."""
-        rid = seq.request_id
-        q: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            if self._dead or not self.is_running:
-                raise EngineDeadError("the inference engine is not running")
-            if rid in self._listeners:
-                raise ValueError(f"request id {rid!r} is already in use")
-            self._listeners[rid] = (asyncio.get_running_loop(), q)
+    def _accepting(self) -> bool:
+        return not self._dead and self.is_running
+
+    def _submit(self, seq: Sequence) -> None:
         self._commands.put(("add", seq))
-        finished = False
-        try:
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._listeners.pop(rid, None)
-            if not finished:
-                self._commands.put(("abort", rid))
+
+    def _cancel(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
 
     # ------------------------------------------------------------------ the engine thread
     def _handle(self, cmd: str, arg: Any) -> None:
@@ -109,18 +152,6 @@ class AsyncEngine:
             self.llm.abort(arg)
         elif cmd == "stop":
             self._stopping = True
-
-    def _deliver(self, items: list[tuple[str, Any]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
-        for rid, item in items:
-            listener = self._listeners.get(rid)
-            if listener is not None:
-                by_loop.setdefault(listener[0], []).append((listener[1], item))
-        for loop, pairs in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, pairs)
-            except RuntimeError:  # the loop closed under us
-                pass
 
     def _run(self) -> None:
         llm = self.llm
@@ -149,11 +180,23 @@ class AsyncEngine:
             self.error = e
             log.exception("engine thread died")
         finally:
-            dead = EngineDeadError("the inference engine stopped")
-            with self._lock:
-                self._dead = True
-                waiting = list(self._listeners)
-            self._deliver([(rid, dead) for rid in waiting])
+            self._fail_all(EngineDeadError("the inference engine stopped"))
+
+
+def deliver(listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]],
+            items: list[tuple[str, Any]]) -> None:
+    """Hand (request id, output or error) pairs to their listeners' queues, from any thread: one
+    `call_soon_threadsafe` per event loop for the whole batch. Unknown ids are dropped."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+    for rid, item in items:
+        listener = listeners.get(rid)
+        if listener is not None:
+            by_loop.setdefault(listener[0], []).append((listener[1], item))
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, pairs)
+        except RuntimeError:  # the loop closed under us
+            pass
 
 
 def _put_all(pairs: list[tuple[asyncio.Queue, Any]]) -> None:

@@ -163,7 +163,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"leanmoe serve: warning: listening on {args.host} without an API key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
     server.serve(args.checkpoint, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
-                 limits=limits, threads=args.threads, **{k: v for k, v in options.items() if v is not None})
+                 limits=limits, threads=args.threads, engine_process={"auto": None, "on": True, "off": False}[args.engine_process],
+                 **{k: v for k, v in options.items() if v is not None})
     return 0
 
 
@@ -221,7 +222,10 @@ def register(subparsers) -> None:
                      help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else no key)")
     srv.add_argument("--model-name", help="the model id clients pass (default: the checkpoint folder's name)")
     srv.add_argument("--threads", type=int, metavar="N", help="CPU threads for the model (default: $OMP_NUM_THREADS, "
-                     "else all cores but one, which the HTTP event loop needs: measured faster on 2 cores)")
+                     "else every core with --engine-process on, all but one, for the HTTP event loop, with it off)")
+    srv.add_argument("--engine-process", choices=["auto", "on", "off"], default="auto",
+                     help="run the model in a process of its own, so the HTTP event loop never holds it up "
+                     "(auto: on for CPUs, where it measured faster; off: a thread in the server's process)")
     srv.add_argument("--max-choices", type=int, metavar="N",
                      help="most choices one request may ask for, prompts x n (default 256)")
     srv.set_defaults(func=cmd_serve)

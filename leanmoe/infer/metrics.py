@@ -35,12 +35,13 @@ Needs `prometheus_client` (in the `serve` extra).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from leanmoe.infer.engine import LLM, RequestOutput
 
-__all__ = ["EngineMetrics"]
+__all__ = ["EngineMetrics", "engine_counters"]
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -66,13 +67,15 @@ class EngineMetrics:
     """The metrics of one engine (`llm`), in a registry of their own: several apps in one process
     do not clash."""
 
-    def __init__(self, llm: LLM, model_name: str):
+    def __init__(self, llm: LLM, model_name: str, counters: Callable[[], dict[str, float]] | None = None):
+        """counters: where the engine's counters are read when scraped (default
+        `engine_counters(llm)`; an engine in another process passes its last report)."""
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.llm = llm
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_EngineCollector(llm, model_name))
+        self.registry.register(_EngineCollector(counters or (lambda: engine_counters(llm)), model_name))
         labels = ["model_name"]
 
         def histogram(name: str, doc: str, buckets) -> Any:
@@ -114,19 +117,30 @@ class EngineMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class _EngineCollector:
-    """Gauges and counters read from the engine when scraped. The engine thread changes them
-    meanwhile; each is one int read, atomic under the GIL, so a scrape never blocks a step."""
+def engine_counters(llm: LLM) -> dict[str, float]:
+    """The engine state /metrics reports, read from `llm`'s scheduler, block manager and runner.
+    The engine thread changes them meanwhile; each is one int read, atomic under the GIL, so a
+    scrape never blocks a step."""
+    sched, bm, runner = llm.scheduler, llm.block_manager, llm.runner
+    return {"running": len(sched.running), "waiting": len(sched.waiting),
+            "cache_usage": 1.0 - bm.num_free_blocks / bm.num_blocks,
+            "prefix_queries": bm.prefix_query_tokens, "prefix_hits": bm.prefix_hit_tokens,
+            "preemptions": sched.num_preemptions, "prompt_tokens": llm.num_prompt_tokens,
+            "generation_tokens": llm.num_generated_tokens, "draft_tokens": runner.num_draft_tokens,
+            "accepted_tokens": runner.num_accepted_tokens}
 
-    def __init__(self, llm: LLM, model_name: str):
-        self.llm = llm
+
+class _EngineCollector:
+    """Gauges and counters read from the engine (`counters()`) when scraped."""
+
+    def __init__(self, counters: Callable[[], dict[str, float]], model_name: str):
+        self.counters = counters
         self.labels = [model_name]
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        llm = self.llm
-        sched, bm, runner = llm.scheduler, llm.block_manager, llm.runner
+        c = self.counters()
 
         def family(kind, name: str, doc: str, value: float):
             f = kind(name, doc, labels=["model_name"])
@@ -134,24 +148,23 @@ class _EngineCollector:
             return f
 
         gauge, counter = GaugeMetricFamily, CounterMetricFamily
-        yield family(gauge, "leanmoe:num_requests_running", "Number of requests in the running batch.",
-                     len(sched.running))
+        yield family(gauge, "leanmoe:num_requests_running", "Number of requests in the running batch.", c["running"])
         yield family(gauge, "leanmoe:num_requests_waiting", "Number of requests waiting to be scheduled.",
-                     len(sched.waiting))
+                     c["waiting"])
         yield family(gauge, "leanmoe:kv_cache_usage_perc", "KV-cache usage: share of cache blocks held (1 = all).",
-                     1.0 - bm.num_free_blocks / bm.num_blocks)
+                     c["cache_usage"])
         yield family(counter, "leanmoe:prefix_cache_queries", "Prefix cache queries, in prompt tokens looked up.",
-                     bm.prefix_query_tokens)
+                     c["prefix_queries"])
         yield family(counter, "leanmoe:prefix_cache_hits", "Prefix cache hits, in prompt tokens found.",
-                     bm.prefix_hit_tokens)
-        yield family(counter, "leanmoe:num_preemptions", "Cumulative number of preemptions.", sched.num_preemptions)
-        yield family(counter, "leanmoe:prompt_tokens", "Number of prompt tokens processed.", llm.num_prompt_tokens)
+                     c["prefix_hits"])
+        yield family(counter, "leanmoe:num_preemptions", "Cumulative number of preemptions.", c["preemptions"])
+        yield family(counter, "leanmoe:prompt_tokens", "Number of prompt tokens processed.", c["prompt_tokens"])
         yield family(counter, "leanmoe:generation_tokens", "Number of generation tokens processed.",
-                     llm.num_generated_tokens)
+                     c["generation_tokens"])
         # MTP drafts one token at a time: drafts and draft tokens are the same count
         yield family(counter, "leanmoe:spec_decode_num_drafts", "Number of speculative drafts verified.",
-                     runner.num_draft_tokens)
+                     c["draft_tokens"])
         yield family(counter, "leanmoe:spec_decode_num_draft_tokens", "Number of draft tokens verified.",
-                     runner.num_draft_tokens)
+                     c["draft_tokens"])
         yield family(counter, "leanmoe:spec_decode_num_accepted_tokens", "Number of draft tokens accepted.",
-                     runner.num_accepted_tokens)
+                     c["accepted_tokens"])

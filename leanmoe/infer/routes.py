@@ -33,12 +33,13 @@ __all__ = ["add_routes", "load_metrics", "request_body"]
 log = logging.getLogger("leanmoe.infer.server")
 
 
-def load_metrics(llm: LLM, model_name: str) -> EngineMetrics | None:
-    """The engine's metrics, or None (with a warning) when prometheus_client is not installed."""
+def load_metrics(llm: LLM, model_name: str, counters: Any = None) -> EngineMetrics | None:
+    """The engine's metrics, or None (with a warning) when prometheus_client is not installed.
+    counters: see EngineMetrics."""
     try:
         from leanmoe.infer.metrics import EngineMetrics
 
-        return EngineMetrics(llm, model_name)
+        return EngineMetrics(llm, model_name, counters)
     except ImportError:
         log.warning("prometheus_client is not installed: /metrics is off (pip install 'leanmoe[serve]')")
         return None

@@ -122,7 +122,7 @@ class _Handler:
         self.longest_token = longest_token_bytes(tok)  # for the length check before tokenising
         self.tokens_per_message = 2 if hasattr(tok, "encode_chat") else 0  # <|role|> ... <|end|>
         self.strings = TokenStrings(tok) if tok is not None else None  # token names for logprobs
-        self.metrics = load_metrics(self.llm, model_name)  # None without prometheus_client
+        self.metrics = load_metrics(self.llm, model_name, engine.counters)  # None without prometheus_client
 
     # ------------------------------------------------------------------ building requests
     async def prepare(self, request: Request, model: type, build: Callable[[Any], list[Sequence]]
@@ -424,20 +424,33 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 # ---------------------------------------------------------------------------- running it
 def serve(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, log_level: str = "info", limits: ServerLimits | None = None,
-          threads: int | None = None, **engine_options: Any) -> None:
+          threads: int | None = None, engine_process: bool | None = None, **engine_options: Any) -> None:
     """Load a checkpoint and serve it until interrupted. Binds loopback unless `host` says otherwise.
-    threads: torch's CPU threads for the model (None: `serving_threads()`)."""
+    threads: torch's CPU threads for the model (None: `serving_threads()`).
+    engine_process: run the engine in a process of its own (leanmoe.infer.engine_process) rather
+    than on a thread beside the event loop; None: on CPUs, where it measured faster. The server's
+    process then holds a second copy of the weights (it tokenises and validates; the KV cache is
+    only in the engine's)."""
     import uvicorn
 
     _check_api_key(api_key)  # before the model loads
     llm = LLM(checkpoint, **engine_options)
-    if llm.runner.device.type == "cpu":
-        torch.set_num_threads(serving_threads(threads))
+    cpu = llm.runner.device.type == "cpu"
     if llm.tokenizer is None:
         raise FileNotFoundError(f"no tokenizer.json found for {checkpoint} (looked in the checkpoint folder and "
                                 "its run folder)")
     name = model_name or os.path.basename(os.path.normpath(str(checkpoint)))
-    app = create_app(AsyncEngine(llm), name, api_key, limits)
+    own_process = engine_process if engine_process is not None else cpu
+    n_threads = serving_threads(threads, own_process=own_process) if cpu else None
+    if own_process:
+        from leanmoe.infer.engine_process import EngineProcess
+
+        engine: Any = EngineProcess(llm, checkpoint, threads=n_threads)
+    else:
+        if cpu:
+            torch.set_num_threads(n_threads)
+        engine = AsyncEngine(llm)
+    app = create_app(engine, name, api_key, limits)
     freeze_startup_heap()
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
@@ -445,11 +458,13 @@ def serve(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
         gc.unfreeze()  # let shutdown free them (extensions such as Triton's report what it does not)
 
 
-def serving_threads(requested: int | None = None, cores: int | None = None) -> int:
+def serving_threads(requested: int | None = None, cores: int | None = None, own_process: bool = True) -> int:
     """CPU threads for the model while serving: `requested`, else $OMP_NUM_THREADS when set, else
-    all cores but one. NOTE: the event loop (HTTP, SSE, detokenising) needs a core of its own; on
-    the 2-core benchmark machine 1 model thread served ~16% more tokens/s on a single stream and
-    ~5% more at concurrency 16 than 2 threads (noisy; docs/benchmarks.md)."""
+    every core when the engine has a process of its own, all but one when it shares the server's.
+    NOTE (2-core benchmark machine, docs/benchmarks.md): sharing the process, the model thread and
+    the event loop take turns on the interpreter lock, and 1 model thread served more than 2; in
+    its own process the engine left the other core ~80% idle, and 2 threads served 1.15x more at
+    concurrency 16 than 1 (a single stream ~5% less, within the noise)."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--threads must be at least 1, got {requested}")
@@ -457,7 +472,8 @@ def serving_threads(requested: int | None = None, cores: int | None = None) -> i
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
-    return max(1, (cores if cores is not None else (os.cpu_count() or 1)) - 1)
+    n = cores if cores is not None else (os.cpu_count() or 1)
+    return n if own_process else max(1, n - 1)
 
 
 def freeze_startup_heap() -> None:

@@ -257,7 +257,8 @@ def test_serving_threads_leave_a_core_to_the_event_loop(monkeypatch):
     from leanmoe.infer.server import serving_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert [serving_threads(cores=c) for c in (1, 2, 16)] == [1, 1, 15]
+    assert [serving_threads(cores=c, own_process=False) for c in (1, 2, 16)] == [1, 1, 15]
+    assert [serving_threads(cores=c) for c in (1, 2, 16)] == [1, 2, 16]  # an engine process: every core
     assert serving_threads(3, cores=2) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert serving_threads(cores=2) == 2
