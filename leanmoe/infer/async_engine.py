@@ -26,7 +26,7 @@ log = logging.getLogger("leanmoe.infer")
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread is not running."""
+    """The engine (its thread, or its process) is not running."""
 
 
 class Relay:

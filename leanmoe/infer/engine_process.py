@@ -16,6 +16,9 @@ Sequence with its own tokenizer, so detokenising and stop strings run there as i
 the child dies, every waiting request gets EngineDeadError and /health turns 503, as when the
 engine thread dies. The child ignores SIGINT (the parent stops it) and exits when the parent's
 end of the pipe closes.
+
+NOTE: a request is sent from the event loop; one larger than the pipe's buffer (a prompt of some
+ten thousand tokens) blocks the loop until the child reads it, at most one engine step.
 """
 
 from __future__ import annotations
