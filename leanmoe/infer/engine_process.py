@@ -32,6 +32,7 @@ from typing import Any
 
 from leanmoe.infer.async_engine import EngineDeadError, Relay
 from leanmoe.infer.engine import LLM
+from leanmoe.infer.metrics import COUNTER_KEYS, engine_counters
 from leanmoe.infer.sequence import Sequence
 
 __all__ = ["EngineProcess"]
@@ -155,8 +156,7 @@ class EngineProcess(Relay):
 
 
 def _zero_counters() -> dict[str, float]:
-    return dict.fromkeys(("running", "waiting", "cache_usage", "prefix_queries", "prefix_hits", "preemptions",
-                          "prompt_tokens", "generation_tokens", "draft_tokens", "accepted_tokens"), 0)
+    return dict.fromkeys(COUNTER_KEYS, 0)
 
 
 # ---------------------------------------------------------------------- the child process
@@ -179,8 +179,6 @@ def _child_main(conn, checkpoint: str, config, threads: int | None) -> None:
 
 
 def _child_loop(conn, llm: LLM) -> None:
-    from leanmoe.infer.metrics import engine_counters
-
     def handle(kind: str, payload: Any) -> bool:
         """Apply one command; False on stop."""
         if kind == "add":

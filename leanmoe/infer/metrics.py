@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from leanmoe.infer.engine import LLM, RequestOutput
 
-__all__ = ["EngineMetrics", "engine_counters"]
+__all__ = ["COUNTER_KEYS", "ENGINE_FAMILIES", "EngineMetrics", "engine_counters"]
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -117,10 +117,28 @@ class EngineMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+# what _EngineCollector reports: (kind, name, help text, key in the engine counters)
+ENGINE_FAMILIES = (
+    ("gauge", "leanmoe:num_requests_running", "Number of requests in the running batch.", "running"),
+    ("gauge", "leanmoe:num_requests_waiting", "Number of requests waiting to be scheduled.", "waiting"),
+    ("gauge", "leanmoe:kv_cache_usage_perc", "KV-cache usage: share of cache blocks held (1 = all).", "cache_usage"),
+    ("counter", "leanmoe:prefix_cache_queries", "Prefix cache queries, in prompt tokens looked up.", "prefix_queries"),
+    ("counter", "leanmoe:prefix_cache_hits", "Prefix cache hits, in prompt tokens found.", "prefix_hits"),
+    ("counter", "leanmoe:num_preemptions", "Cumulative number of preemptions.", "preemptions"),
+    ("counter", "leanmoe:prompt_tokens", "Number of prompt tokens processed.", "prompt_tokens"),
+    ("counter", "leanmoe:generation_tokens", "Number of generation tokens processed.", "generation_tokens"),
+    # MTP drafts one token at a time: drafts and draft tokens are the same count
+    ("counter", "leanmoe:spec_decode_num_drafts", "Number of speculative drafts verified.", "draft_tokens"),
+    ("counter", "leanmoe:spec_decode_num_draft_tokens", "Number of draft tokens verified.", "draft_tokens"),
+    ("counter", "leanmoe:spec_decode_num_accepted_tokens", "Number of draft tokens accepted.", "accepted_tokens"),
+)
+COUNTER_KEYS = tuple(dict.fromkeys(key for *_, key in ENGINE_FAMILIES))  # the keys engine_counters returns
+
+
 def engine_counters(llm: LLM) -> dict[str, float]:
-    """The engine state /metrics reports, read from `llm`'s scheduler, block manager and runner.
-    The engine thread changes them meanwhile; each is one int read, atomic under the GIL, so a
-    scrape never blocks a step."""
+    """The engine state /metrics reports (COUNTER_KEYS), read from `llm`'s scheduler, block
+    manager and runner. The engine thread changes them meanwhile; each is one int read, atomic
+    under the GIL, so a scrape never blocks a step."""
     sched, bm, runner = llm.scheduler, llm.block_manager, llm.runner
     return {"running": len(sched.running), "waiting": len(sched.waiting),
             "cache_usage": 1.0 - bm.num_free_blocks / bm.num_blocks,
@@ -141,30 +159,7 @@ class _EngineCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         c = self.counters()
-
-        def family(kind, name: str, doc: str, value: float):
-            f = kind(name, doc, labels=["model_name"])
-            f.add_metric(self.labels, value)
-            return f
-
-        gauge, counter = GaugeMetricFamily, CounterMetricFamily
-        yield family(gauge, "leanmoe:num_requests_running", "Number of requests in the running batch.", c["running"])
-        yield family(gauge, "leanmoe:num_requests_waiting", "Number of requests waiting to be scheduled.",
-                     c["waiting"])
-        yield family(gauge, "leanmoe:kv_cache_usage_perc", "KV-cache usage: share of cache blocks held (1 = all).",
-                     c["cache_usage"])
-        yield family(counter, "leanmoe:prefix_cache_queries", "Prefix cache queries, in prompt tokens looked up.",
-                     c["prefix_queries"])
-        yield family(counter, "leanmoe:prefix_cache_hits", "Prefix cache hits, in prompt tokens found.",
-                     c["prefix_hits"])
-        yield family(counter, "leanmoe:num_preemptions", "Cumulative number of preemptions.", c["preemptions"])
-        yield family(counter, "leanmoe:prompt_tokens", "Number of prompt tokens processed.", c["prompt_tokens"])
-        yield family(counter, "leanmoe:generation_tokens", "Number of generation tokens processed.",
-                     c["generation_tokens"])
-        # MTP drafts one token at a time: drafts and draft tokens are the same count
-        yield family(counter, "leanmoe:spec_decode_num_drafts", "Number of speculative drafts verified.",
-                     c["draft_tokens"])
-        yield family(counter, "leanmoe:spec_decode_num_draft_tokens", "Number of draft tokens verified.",
-                     c["draft_tokens"])
-        yield family(counter, "leanmoe:spec_decode_num_accepted_tokens", "Number of draft tokens accepted.",
-                     c["accepted_tokens"])
+        for kind, name, doc, key in ENGINE_FAMILIES:
+            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=["model_name"])
+            family.add_metric(self.labels, c[key])
+            yield family

@@ -84,7 +84,7 @@ def mla_decode_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     return out, lse
 
 
-# ---------------------------------------------------------------------- Triton kernels
+# ---------------------------------------------------------------------- the batched torch path
 def mla_decode_plan(block_table: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int, s_q: int, h_q: int,
                     causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What `mla_decode_torch` needs from the table and lengths alone, so that a step makes it once
@@ -142,6 +142,7 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     return out.to(q.dtype), lse.view(b, s_q, h_q).transpose(1, 2)
 
 
+# ---------------------------------------------------------------------- Triton kernels
 @triton_jit
 def _mla_decode_kernel(
     q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_ptr, lse_ptr,
