@@ -15,6 +15,7 @@ describe the CPU reference path, not the kernels.
     python bench/kernels.py            # everything
     python bench/kernels.py --only mla --quick
     python bench/kernels.py --sweep    # GPU: time alternative tile configurations first
+    python bench/kernels.py --only mla-cpu   # the CPU decode attention: C kernel vs torch path vs SDPA
 
 Every timed kernel output is first compared with the same call's reference (FP8 GEMMs: DeepGEMM's
 calc_diff against the unquantised product < 1e-3; MLA: relative error against the gather + SDPA
@@ -48,6 +49,12 @@ CPU_DENSE = [(16, 2112, 7168), (16, 7168, 2048), (128, 4096, 1024)]
 CPU_GROUPED = [(4, 128, 2048, 1024)]
 CPU_MASKED = [(4, 64, 2048, 1024)]
 CPU_MLA = [(4, 1, 16, 1024), (4, 2, 16, 1024)]
+# the C kernel's shapes: b, s_q, h_q, cache length, block size. The first four are bench/serve_vs_vllm.py's
+# model (4 heads, block 16) at batch 1 and 16; then more heads (mla_decode uses the kernel up to
+# CPU_KERNEL_MAX_ROWS = 32 rows per sequence: these show why) and longer caches
+CPU_KERNEL_MLA = [(1, 1, 4, 128, 16), (16, 1, 4, 128, 16), (16, 2, 4, 128, 16), (16, 1, 4, 1024, 16),
+                  (1, 1, 16, 1024, 64), (8, 1, 16, 1024, 64), (4, 1, 32, 2048, 64), (4, 1, 64, 2048, 64),
+                  (4, 1, 128, 2048, 64)]
 
 
 def timer(fn, cuda: bool) -> float:
@@ -197,6 +204,42 @@ def bench_mla(shapes, dev: str, cuda: bool) -> None:
           ["shape", "GB/s", "SDPA GB/s", "vs SDPA", "of peak"], rows)
 
 
+def bench_mla_cpu(shapes, rounds: int = 3) -> None:
+    """The CPU decode attention: leanmoe's C kernel (the CPU default for fp32) against the batched
+    torch path it replaced (its per-step plan made beforehand, as the engine's first layer does)
+    and against gather + SDPA, fp32, alternating in rounds; the median of the rounds' medians."""
+    from leanmoe.kernels.cpu_kernels import status
+    from leanmoe.kernels.mla_decode import mla_decode_cpu, mla_decode_torch
+
+    print(f"\nC kernel: {status()}; {torch.get_num_threads()} threads")
+    rows = []
+    for b, s_q, h_q, s_k, bs in shapes:
+        d, dv, scale = 576, 512, 576 ** -0.5
+        n_blocks = -(-s_k // bs)
+        kv = torch.randn(b * n_blocks + 1, bs, 1, d)
+        block_table = torch.randperm(b * n_blocks + 1)[: b * n_blocks].view(b, n_blocks).to(torch.int32)
+        seqlens = torch.full((b,), s_k, dtype=torch.int32)
+        q = torch.randn(b, s_q, h_q, d)
+        plans: dict = {}
+        fns = {"C kernel": lambda: mla_decode_cpu(q, kv, block_table, seqlens, dv, scale, True),
+               "torch": lambda: mla_decode_torch(q, kv, block_table, seqlens, dv, scale, True, plans),
+               "SDPA": lambda: _sdpa_paged(q, kv, block_table, seqlens, dv, scale)}
+        ref = _sdpa_paged(q, kv, block_table, seqlens, dv, scale)
+        for name in ("C kernel", "torch"):
+            out = fns[name]()[0]
+            verify(f"{name} b={b} s_q={s_q} h_q={h_q}", ((out - ref).norm() / ref.norm()).item(), 1e-5)
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                times[name].append(timer(fn, False))
+        t = {k: statistics.median(v) for k, v in times.items()}
+        rows.append([f"b={b} s_q={s_q} h_q={h_q} s_k={s_k} bs={bs}", f"{t['C kernel'] * 1e6:.0f}",
+                     f"{t['torch'] * 1e6:.0f}", f"{t['SDPA'] * 1e6:.0f}", f"{t['torch'] / t['C kernel']:.2f}x",
+                     f"{t['SDPA'] / t['C kernel']:.2f}x"])
+    table("mla_decode on the CPU (paged, fp32, d=576, dv=512), microseconds per call",
+          ["shape", "C kernel", "torch path", "gather + SDPA", "vs torch", "vs SDPA"], rows)
+
+
 # --sweep: tile configurations tried on a GPU (block_m, block_n, num_warps, num_stages) for the FP8
 # GEMM and (rows per program, keys per step, num_warps, num_stages) for MLA decode; the first is
 # the library default.
@@ -246,7 +289,7 @@ def sweep(dev: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["dense", "grouped", "mla"], help="run one group")
+    p.add_argument("--only", choices=["dense", "grouped", "mla", "mla-cpu"], help="run one group")
     p.add_argument("--quick", action="store_true", help="first few shapes only")
     p.add_argument("--sweep", action="store_true", help="GPU: first time alternative tile configurations")
     args = p.parse_args()
@@ -266,6 +309,8 @@ def main() -> None:
         bench_grouped(cut(GROUPED if cuda else CPU_GROUPED), cut(MASKED if cuda else CPU_MASKED), dev, cuda)
     if args.only in (None, "mla"):
         bench_mla(cut(MLA if cuda else CPU_MLA), dev, cuda)
+    if args.only == "mla-cpu" or (args.only is None and not cuda):
+        bench_mla_cpu(cut(CPU_KERNEL_MLA))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import gc
 import hmac
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -450,6 +451,13 @@ def serve(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
         if cpu:
             torch.set_num_threads(n_threads)
         engine = AsyncEngine(llm)
+    where = "its own process" if own_process else "a thread beside the event loop"
+    setup = f"{llm.runner.device} ({llm.config.dtype})" + (f", {n_threads} threads" if cpu else "")
+    if cpu:
+        from leanmoe.kernels.cpu_kernels import status
+
+        setup += f"; C attention kernel: {status()}"
+    print(f"leanmoe serve: {name} on {setup}; the engine runs in {where}", file=sys.stderr, flush=True)
     app = create_app(engine, name, api_key, limits)
     freeze_startup_heap()
     try:

@@ -13,6 +13,12 @@ environment says otherwise).
 Kernel modules take from here `triton_jit` (their decorator), `tl`, `cdiv` and `next_power_of_2`
 for tile sizes, and call `use_triton(t)` at their dispatch point. Without triton installed, `triton`
 and `tl` are None and `triton_jit` leaves the function bare (never launched).
+
+On CPUs, ops that have a C kernel (leanmoe.kernels.cpu_kernels: so far MLA decode) run it for fp32
+tensors when it is built, at the shapes where it measured faster; `use_cpu_kernel(*ts)` says
+whether it can run. Without a C compiler, or with
+LEANMOE_CPU_KERNELS=0, the torch path runs, and `cpu_kernels.status()` (printed by `leanmoe serve`)
+says why.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ try:
 except ImportError:  # CPU-only installs: every op has its torch reference
     triton = tl = InterpretedFunction = None
 
-__all__ = ["use_triton", "interpret_requested", "triton_jit", "cdiv", "next_power_of_2", "check_tile_config",
+__all__ = ["use_triton", "use_cpu_kernel", "interpret_requested", "triton_jit", "cdiv", "next_power_of_2", "check_tile_config",
            "triton", "tl"]
 
 
@@ -57,6 +63,15 @@ def use_triton(t: torch.Tensor) -> bool:
                                "(or before anything imports triton)")
         return True
     return False
+
+
+def use_cpu_kernel(*ts: torch.Tensor) -> bool:
+    """Whether an op on `ts` (all fp32 CPU tensors, not routed to Triton) runs its C kernel."""
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in ts) or use_triton(ts[0]):
+        return False
+    from leanmoe.kernels.cpu_kernels import library
+
+    return library() is not None
 
 
 def triton_jit(fn):

@@ -17,9 +17,12 @@ otherwise every query sees all seqlen keys. Slots past a sequence's length are n
 padding may hold anything (tests fill it with NaN).
 
 `mla_decode_reference` is the obvious per-sequence gather-and-softmax in fp32;
-`mla_decode_torch` is the same math for the whole batch at once (the CPU fast path);
-`mla_decode` is the dispatch point every caller uses (Triton on CUDA/ROCm tensors, the batched
-torch path elsewhere; see leanmoe.kernels.dispatch for the rule and LEANMOE_TRITON_INTERPRET).
+`mla_decode_torch` is the same math for the whole batch at once in torch ops;
+`mla_decode_cpu` is a C kernel (leanmoe/kernels/cpu_mla.c) that reads the keys in place;
+`mla_decode` is the dispatch point every caller uses (Triton on CUDA/ROCm tensors, the C kernel for
+fp32 CPU tensors with at most CPU_KERNEL_MAX_ROWS query rows per sequence, the batched torch path
+elsewhere; see leanmoe.kernels.dispatch for the rule,
+LEANMOE_TRITON_INTERPRET and LEANMOE_CPU_KERNELS).
 The inference call site, one MLA layer's absorbed attention over a paged cache, is
 leanmoe.infer.paged_cache.paged_mla_attend.
 
@@ -41,9 +44,11 @@ import math
 
 import torch
 
-from leanmoe.kernels.dispatch import cdiv, check_tile_config, next_power_of_2, tl, triton_jit, use_triton
+from leanmoe.kernels.dispatch import (cdiv, check_tile_config, next_power_of_2, tl, triton_jit, use_cpu_kernel,
+                                      use_triton)
 
-__all__ = ["mla_decode", "mla_decode_plan", "mla_decode_reference", "mla_decode_torch", "mla_decode_triton"]
+__all__ = ["mla_decode", "mla_decode_cpu", "mla_decode_plan", "mla_decode_reference", "mla_decode_torch",
+           "mla_decode_triton"]
 
 
 def _check(q, kv_cache, block_table, cache_seqlens, head_dim_v):
@@ -140,6 +145,45 @@ def mla_decode_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     out = torch.bmm(p, k).view(b, s_q, h_q, d)[..., :head_dim_v]
     out = out.masked_fill(empty, 0.0)  # an empty sequence's keys all point at slot 0, which may hold anything
     return out.to(q.dtype), lse.view(b, s_q, h_q).transpose(1, 2)
+
+
+# The C kernel's rows (s_q x h_q) per sequence at most: beyond, the scores and values are real matrix
+# products that MKL's GEMMs in the torch path do faster (bench/kernels.py --only mla-cpu, 2-core
+# AVX-512 CPU: 1.07x at 32 rows, 0.86x at 64, 0.73x at 128; 1.4-6x at 4-16 rows)
+CPU_KERNEL_MAX_ROWS = 32
+
+
+def mla_decode_cpu(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                   cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float | None = None,
+                   causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C kernel (leanmoe/kernels/cpu_mla.c, fp32 CPU tensors): each sequence's keys are read
+    in place from their cache slots, once for the scores of all its query rows and once for the
+    values, instead of gathered into a padded copy. Threads: torch's count, over (sequence,
+    chunk of query rows)."""
+    from leanmoe.kernels.cpu_kernels import library
+
+    _check(q, kv_cache, block_table, cache_seqlens, head_dim_v)
+    lib = library()
+    if lib is None or not use_cpu_kernel(q, kv_cache):
+        raise RuntimeError("mla_decode_cpu needs fp32 CPU tensors and the built C kernels "
+                           "(leanmoe.kernels.cpu_kernels.status() says why they are not)")
+    b, s_q, h_q, d = q.shape
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    q, kv_cache = q.contiguous(), kv_cache.contiguous()
+    block_table = block_table.to(torch.int32).contiguous()
+    cache_seqlens = cache_seqlens.to(torch.int32).contiguous()
+    out = torch.empty(b, s_q, h_q, head_dim_v, dtype=torch.float32)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    chunks = max(1, min(s_q * h_q, -(-threads // max(b, 1))))  # enough work items for every thread
+    rc = lib.leanmoe_mla_decode_f32(
+        q.data_ptr(), kv_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(), out.data_ptr(),
+        lse.data_ptr(), b, s_q, h_q, d, head_dim_v, kv_cache.shape[1], block_table.shape[1], scale, int(causal),
+        chunks, threads)
+    if rc != 0:
+        raise MemoryError(f"mla_decode_cpu: could not allocate the score rows (batch {b}, table "
+                          f"{block_table.shape[1]} blocks of {kv_cache.shape[1]})")
+    return out, lse
 
 
 # ---------------------------------------------------------------------- Triton kernels
@@ -313,4 +357,6 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     if use_triton(q):
         return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
                                  tile_config=tile_config)
+    if q.shape[1] * q.shape[2] <= CPU_KERNEL_MAX_ROWS and use_cpu_kernel(q, kv_cache):
+        return mla_decode_cpu(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
     return mla_decode_torch(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, plans)

@@ -35,6 +35,25 @@ def test_matches_reference_forward_and_backward(counts, k, n):
     torch.testing.assert_close(w.grad, w2.grad if w2.grad is not None else torch.zeros_like(w), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("counts,k,n", CASES)
+def test_without_autograd_matches_reference_and_skips_the_custom_op(counts, k, n, monkeypatch):
+    # inference calls the implementation directly; with gradients wanted it must go through the op
+    from leanmoe.kernels import grouped_gemm
+
+    x, w, offs = torch.randn(sum(counts), k), torch.randn(len(counts), n, k), _offsets(counts)
+    ref = grouped_mm_reference(x, w.transpose(1, 2), offs)
+    calls = []
+    real = grouped_gemm._grouped_mm_op
+    monkeypatch.setattr(grouped_gemm, "_grouped_mm_op", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        torch.testing.assert_close(grouped_mm(x, w.transpose(1, 2), offs), ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(grouped_mm(x.requires_grad_(), w.transpose(1, 2), offs), ref, atol=1e-5, rtol=1e-5)
+    assert calls == []
+    grouped_mm(x, w.transpose(1, 2), offs)  # x wants a gradient
+    assert calls == [1]
+
+
 def test_sum_backward_with_stride_zero_gradient():
     x = torch.randn(32, 16, requires_grad=True)
     w = torch.randn(2, 16, 16, requires_grad=True)

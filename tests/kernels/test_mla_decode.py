@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from leanmoe import LatentCache, Transformer
 from leanmoe.infer.paged_cache import paged_mla_attend
 from leanmoe.kernels import dispatch
-from leanmoe.kernels.mla_decode import mla_decode, mla_decode_reference, mla_decode_torch, mla_decode_triton
+from leanmoe.kernels import cpu_kernels, mla_decode as mla_decode_module
+from leanmoe.kernels.mla_decode import (mla_decode, mla_decode_cpu, mla_decode_reference, mla_decode_torch,
+                                        mla_decode_triton)
 from tests.util import micro_config
 
 needs_triton = pytest.mark.skipif(dispatch.triton is None, reason="triton is not installed")
@@ -74,30 +76,101 @@ def test_reference_matches_sdpa_and_is_fp32():
         assert lse.shape == (3, 4, 2) and lse.dtype == torch.float32
 
 
+PATHS = {"torch": mla_decode_torch, "C kernel": mla_decode_cpu}  # the CPU's two batched paths
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("block_size", [1, 5, 64])
 @pytest.mark.parametrize("s_q,causal", [(1, False), (1, True), (2, True), (3, True), (2, False)])
-def test_batched_torch_path_matches_reference(block_size, s_q, causal):
+def test_batched_cpu_paths_match_reference(path, block_size, s_q, causal):
     # empty, shorter than s_q, ragged; NaN in every padding slot; table entries past a
     # sequence's blocks set to -1 (they must never be dereferenced)
     lens = [0, 1, 19, 70]
     q, kv, bt, seqlens, dv = _case(4, s_q, 3, MICRO, block_size, lens, torch.float32)
     for i, n in enumerate(lens):
         bt[i, -(-n // block_size):] = -1
-    out, lse = mla_decode_torch(q, kv, bt, seqlens, dv, 0.3, causal)
+    out, lse = PATHS[path](q, kv, bt, seqlens, dv, 0.3, causal)
     _assert_matches(out, lse, *mla_decode_reference(q, kv, bt, seqlens, dv, 0.3, causal), torch.float32)
-    # bf16 inputs, DeepSeek-V3's latent sizes
-    q, kv, bt, seqlens, dv = _case(2, s_q, 8, V3, block_size, [40, 7])
-    _assert_matches(*mla_decode_torch(q, kv, bt, seqlens, dv, causal=causal),
-                    *mla_decode_reference(q, kv, bt, seqlens, dv, causal=causal), torch.bfloat16)
+    assert (out[0] == 0).all() and (lse[0] == float("-inf")).all()
+    # DeepSeek-V3's latent sizes; bf16 inputs where the path takes them (the C kernel is fp32 only)
+    dtype = torch.bfloat16 if path == "torch" else torch.float32
+    q, kv, bt, seqlens, dv = _case(2, s_q, 8, V3, block_size, [40, 7], dtype)
+    _assert_matches(*PATHS[path](q, kv, bt, seqlens, dv, causal=causal),
+                    *mla_decode_reference(q, kv, bt, seqlens, dv, causal=causal), dtype)
 
 
-def test_batched_torch_path_empty_sequence_on_a_nan_slot_zero():
-    # the empty sequence owns block 0, so the cache's slot 0 (where its padding points) holds NaN
+@pytest.mark.parametrize("path", list(PATHS))
+def test_batched_cpu_paths_empty_sequence_on_a_nan_slot_zero(path):
+    # the empty sequence owns block 0, so the cache's slot 0 (where the torch path's padding points) holds NaN
     q, kv, bt, seqlens, dv = _case(2, 1, 3, MICRO, 4, [0, 9], torch.float32, shuffle=False)
     assert bt[0, 0] == 0 and kv.view(-1, kv.shape[-1])[0].isnan().all()
-    out, lse = mla_decode_torch(q, kv, bt, seqlens, dv, 0.3, causal=True)
+    out, lse = PATHS[path](q, kv, bt, seqlens, dv, 0.3, causal=True)
     _assert_matches(out, lse, *mla_decode_reference(q, kv, bt, seqlens, dv, 0.3, True), torch.float32)
     assert (out[0] == 0).all()
+
+
+def test_cpu_kernel_is_built_here():
+    # the project's machines have a C compiler: a kernel that silently failed to build would leave
+    # the tests of it exercising nothing
+    assert cpu_kernels.library() is not None, cpu_kernels.status()
+    assert cpu_kernels.status().startswith("on")
+
+
+def test_cpu_kernel_same_result_at_any_thread_count():
+    # work is split over (sequence, chunk of query rows): one sequence at 1, 2 and 3 threads
+    q, kv, bt, seqlens, dv = _case(1, 2, 5, MICRO, 4, [23], torch.float32)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(mla_decode_cpu(q, kv, bt, seqlens, dv, 0.3, True))
+    finally:
+        torch.set_num_threads(before)
+    for out, lse in outs[1:]:
+        torch.testing.assert_close(out, outs[0][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lse, outs[0][1], rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_kernel_refuses_what_it_does_not_handle():
+    q, kv, bt, seqlens, dv = _case(1, 1, 2, MICRO, 4, [5], torch.bfloat16)
+    with pytest.raises(RuntimeError, match="fp32 CPU tensors"):
+        mla_decode_cpu(q, kv, bt, seqlens, dv)
+    with pytest.raises(ValueError, match="head_dim_v"):
+        mla_decode_cpu(q.float(), kv.float(), bt, seqlens, 0)
+
+
+def test_dispatch_on_cpu(monkeypatch):
+    # fp32 on the CPU with few heads: the C kernel; bf16, or many heads: the batched torch path
+    called = []
+    for name in ("mla_decode_cpu", "mla_decode_torch"):
+        real = getattr(mla_decode_module, name)
+        monkeypatch.setattr(mla_decode_module, name, lambda *a, _real=real, _n=name, **k: called.append(_n) or _real(*a, **k))
+    monkeypatch.delenv("LEANMOE_TRITON_INTERPRET", raising=False)
+    for dtype, heads in ((torch.float32, 2), (torch.bfloat16, 2), (torch.float32, 40)):
+        q, kv, bt, seqlens, dv = _case(2, 1, heads, MICRO, 4, [5, 9], dtype)
+        mla_decode_module.mla_decode(q, kv, bt, seqlens, dv, causal=True)
+    # many query rows per sequence: real GEMMs, where the torch path measured faster
+    assert mla_decode_module.CPU_KERNEL_MAX_ROWS < 40
+    assert called == ["mla_decode_cpu", "mla_decode_torch", "mla_decode_torch"]
+
+
+def test_cpu_kernels_without_a_compiler_say_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("LEANMOE_CACHE", str(tmp_path))  # nothing built there yet
+    try:
+        cpu_kernels.library.cache_clear()
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        assert cpu_kernels.library() is None
+        assert "failed" in cpu_kernels.status() and "no-such-cc" in cpu_kernels.status()
+        q, kv, bt, seqlens, dv = _case(1, 1, 2, MICRO, 4, [5], torch.float32)
+        assert not dispatch.use_cpu_kernel(q, kv)  # mla_decode then takes the torch path
+        cpu_kernels.library.cache_clear()
+        monkeypatch.setenv("LEANMOE_CPU_KERNELS", "0")
+        assert cpu_kernels.library() is None and "LEANMOE_CPU_KERNELS=0" in cpu_kernels.status()
+    finally:
+        cpu_kernels.library.cache_clear()
+        monkeypatch.undo()
+        assert cpu_kernels.library() is not None
 
 
 @needs_triton
@@ -177,12 +250,14 @@ class PagedLatentBackend:
         return paged_mla_attend(attn, q_nope, q_pe, self.kv[attn.layer_idx], self.block_table, seqlens)
 
 
-@pytest.mark.parametrize("path", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("path", ["cpu-kernel", "torch", pytest.param("triton", marks=needs_triton)])
 def test_call_site_decodes_like_the_contiguous_cache(path, monkeypatch):
     if path == "triton":
         monkeypatch.setenv("LEANMOE_TRITON_INTERPRET", "1")
     else:
         monkeypatch.delenv("LEANMOE_TRITON_INTERPRET", raising=False)
+    if path == "torch":
+        monkeypatch.setattr(mla_decode_module, "use_cpu_kernel", lambda *ts: False)
     model = Transformer(MICRO).eval()
     ids = torch.randint(0, MICRO.vocab_size, (2, 8))
     paged, contiguous = PagedLatentBackend(MICRO, 2, 8, block_size=3), LatentCache(MICRO, 2, 8)

@@ -1,0 +1,96 @@
+"""leanmoe's C kernels for CPUs: compiled on first use with the system C compiler, loaded with ctypes.
+
+The source (`cpu_mla.c` next to this file) is plain C11 with OpenMP; it is built with
+`-O3 -march=native -fopenmp` into ~/.cache/leanmoe/kernels (or $LEANMOE_CACHE/kernels), under a name
+that hashes the source, the flags, the compiler and this CPU's feature flags, so a rebuilt source, a
+new compiler or another CPU sharing the home folder gets its own library. A build takes about a
+second. ctypes releases the interpreter lock for the call, and the library shares torch's OpenMP
+runtime (the same libgomp.so.1 soname), so its threads are torch's threads.
+
+Why not torch.utils.cpp_extension: its headers take a minute to compile on a laptop, on every new
+machine and every torch upgrade; these kernels need only pointers.
+
+Without a compiler (or with LEANMOE_CPU_KERNELS=0) `library()` returns None and `status()` says why;
+callers then use their torch path, and the engine logs which one it runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+__all__ = ["library", "status", "FLAGS"]
+
+SOURCE = Path(__file__).with_name("cpu_mla.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC"]
+_status = "not loaded yet"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LEANMOE_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "leanmoe") / "kernels"
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"leanmoe_cpu_{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename: atomic
+        built = Path(tmp) / target.name
+        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-2000:]}")
+        os.replace(built, target)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (see `status()` for why)."""
+    global _status
+    if os.environ.get("LEANMOE_CPU_KERNELS", "1") == "0":
+        _status = "off (LEANMOE_CPU_KERNELS=0)"
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        _status = "unavailable: no C compiler found (install gcc, or set CC)"
+        return None
+    try:
+        import torch  # noqa: F401  # loads torch's libgomp first, so the library binds to it
+
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        _status = f"unavailable: building {SOURCE.name} failed: {e}"
+        return None
+    fn = lib.leanmoe_mla_decode_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 7 + [ctypes.c_float] + [ctypes.c_int] * 3
+    _status = f"on ({cc}, {' '.join(FLAGS[:3])})"
+    return lib
+
+
+def status() -> str:
+    """Whether the C kernels are in use, and if not why: for logs."""
+    library()
+    return _status
