@@ -288,7 +288,7 @@ def time_moe(mod, x_BTD: torch.Tensor, timed) -> dict[str, float]:
     """One MoE layer's pieces, each timed alone by `timed(fn, inputs, grad_in, grad_out)`: the
     router, MoE.routed's sort + gather (dispatch) and un-sort + weighted sum (combine) as in
     leanmoe/model/moe.py, the routed grouped GEMMs; and MoE.routed with identity experts as a check."""
-    from leanmoe.model.moe import expert_counts
+    from leanmoe.model.moe import combine, expert_counts
 
     x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
     with torch.no_grad():  # the routing this layer chose, and what its experts received and returned
@@ -304,10 +304,6 @@ def time_moe(mod, x_BTD: torch.Tensor, timed) -> dict[str, float]:
         c = expert_counts(idx_NK, mod.n_experts)
         o = idx_NK.reshape(-1).argsort(stable=True)
         return x_ND.index_select(0, o // k), c.cumsum(0, dtype=torch.int32)
-
-    def combine(y_MD, order_M, w_NK):  # MoE.routed's un-sort and weighted sum
-        y_NKD = torch.empty_like(y_MD).index_copy(0, order_M, y_MD).view(n, k, -1)
-        return torch.einsum("nkd,nk->nd", y_NKD, w_NK.to(y_NKD.dtype))
 
     parts = {"router": timed(mod.gate, [x_ND], (0,), (1, 2) if mod.aux_loss_alpha > 0 else (1,)),
              "dispatch-sort": timed(dispatch, [x_ND, idx_NK], (0,)),

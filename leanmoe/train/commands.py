@@ -73,6 +73,7 @@ def cmd_train(args) -> int:
         warmup_steps=args.warmup_steps, schedule=args.schedule, eval_interval=args.eval_interval,
         save_interval=args.save_interval, keep_last=args.keep_last, seed=args.seed, device=args.device,
         dtype=args.dtype, compile=args.compile, resume=args.resume, mtp_weight=args.mtp_weight, fp8=args.fp8,
+        expert_lr_scale=args.expert_lr_scale,
         price_per_hour=args.price_per_hour, gpu=args.gpu, progress=not args.quiet,
         eval_tasks=[t for t in args.eval_tasks.split(",") if t] if args.eval_tasks else None,
         eval_limit=args.eval_limit, eval_include_path=args.eval_include_path,
@@ -166,6 +167,8 @@ def register(subparsers) -> None:
     tr.add_argument("--batch-size", type=int, help="sequences per optimizer step")
     tr.add_argument("--micro-batch-size", type=int, help="sequences per forward pass (gradient accumulation)")
     tr.add_argument("--lr", type=float, help="peak learning rate (default 3e-3 * (256/hidden_size)^0.78)")
+    tr.add_argument("--expert-lr-scale", type=float, default=1.0,
+                    help="the routed experts' learning rate as a multiple of --lr (default 1)")
     tr.add_argument("--warmup-steps", type=int)
     tr.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default="cosine")
     tr.add_argument("--mtp-weight", type=float, help="MTP loss weight (default: the config's, 0.3)")

@@ -75,6 +75,7 @@ class TrainConfig:
     mtp_weight: float | None = None  # None: the model config's mtp_loss_weight
     fp8: bool = False  # convert linear layers and experts to fine-grained FP8 after building the model
     bias_update_speed: float | None = None  # None: the model config's
+    expert_lr_scale: float = 1.0  # the routed experts' learning rate, as a multiple of lr
 
     # evaluation, checkpoints, logging
     eval_interval: int | None = None
@@ -193,6 +194,8 @@ class TrainConfig:
                   ("decay_fraction", 0 <= self.decay_fraction <= 1, "must be in [0, 1]"),
                   ("val_fraction", 0 <= self.val_fraction < 1, "must be in [0, 1)"),
                   ("weight_decay", 0 <= self.weight_decay < 10, "must be in [0, 10)"),
+                  ("expert_lr_scale", math.isfinite(self.expert_lr_scale) and 0 < self.expert_lr_scale <= 100,
+                   "must be a positive multiple of --lr, at most 100"),
                   ("grad_clip", 0 < self.grad_clip < math.inf, "must be a positive finite number"),
                   ("beta1", 0 <= self.beta1 < 1, "must be in [0, 1)"), ("beta2", 0 <= self.beta2 < 1, "must be in [0, 1)"),
                   ("mtp_weight", self.mtp_weight is None or (math.isfinite(self.mtp_weight) and self.mtp_weight >= 0),

@@ -23,16 +23,25 @@ __all__ = ["build_optimizer", "lr_at"]
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
-                    eps: float = 1e-8) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+                    eps: float = 1e-8, expert_lr_scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters. expert_lr_scale != 1 puts the routed experts'
+    weights (`...mlp.experts.*`: each sees only top-k / n_experts of the tokens) in a group of their
+    own whose `lr_scale` the trainer multiplies the scheduled learning rate by."""
+    decay, no_decay, experts = [], [], []
     seen: set[int] = set()
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        if expert_lr_scale != 1.0 and ".mlp.experts." in f".{name}":
+            experts.append(p)
+        else:
+            (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = {"fused": True} if all(p.is_cuda for p in decay + no_decay) else {}
+    if experts:
+        groups.append({"params": experts, "weight_decay": weight_decay, "lr_scale": expert_lr_scale,
+                       "lr": lr * expert_lr_scale})
+    kwargs = {"fused": True} if all(p.is_cuda for p in decay + no_decay + experts) else {}
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
 
 

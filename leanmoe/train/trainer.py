@@ -62,7 +62,7 @@ __all__ = ["Trainer", "TrainResult", "TrainingError", "train"]
 
 # what a run is: a resumed run keeps these (its loader, tokenizer and weights depend on them)
 RESUME_FIXED = ("preset", "config", "data", "tokenizer", "val_fraction", "stream_limit", "seed", "fp8", "mtp_weight",
-                "bias_update_speed")
+                "bias_update_speed", "expert_lr_scale")
 
 
 @dataclass
@@ -136,7 +136,8 @@ class Trainer:
         self.model = self._build_model(cfg).train()
         peak = self.peak_flops()
         self._mfu_per_tps = cfg.flops_per_token(tc.seq_len) / (peak * world.size) if peak else None
-        self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
+        self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2),
+                                         expert_lr_scale=tc.expert_lr_scale)
         self.loader = TokenLoader(self.shards.train, tc.micro_batch_size, tc.seq_len, seed=tc.seed, rank=world.rank,
                                   world_size=world.size)
         self.state = RunState(last_ckpt=ckpt)
@@ -334,7 +335,7 @@ class Trainer:
         tc, s, model, opt, world = self.tc, self.state, self.model, self.optimizer, self.world
         t0 = time.perf_counter()
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         accum = tc.batch_size // (tc.micro_batch_size * world.size)
         parts = torch.zeros(4, device=self.device)
         for _ in range(accum):

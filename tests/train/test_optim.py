@@ -147,3 +147,20 @@ def test_only_matrices_shrink_under_weight_decay_with_zero_gradients():
     torch.testing.assert_close(w.detach(), before[0] * (1 - 0.1 * 0.5), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(b.detach(), before[1], rtol=0, atol=0)
     torch.testing.assert_close(g.detach(), before[2], rtol=0, atol=0)
+
+
+def test_expert_lr_scale_puts_the_routed_experts_in_their_own_group():
+    from leanmoe import Transformer
+    from tests.util import micro_config
+
+    model = Transformer(micro_config())
+    expert_params = {id(p) for layer in model.moe_layers() for p in layer.experts.parameters()}
+    assert expert_params
+    plain = build_optimizer(model, lr=1e-3)
+    assert len(plain.param_groups) == 2  # scale 1: no group of their own
+    opt = build_optimizer(model, lr=1e-3, expert_lr_scale=4.0)
+    decay, no_decay, experts = opt.param_groups
+    assert {id(p) for p in experts["params"]} == expert_params  # routed only: not the shared experts
+    assert experts["lr_scale"] == 4.0 and experts["lr"] == pytest.approx(4e-3) and experts["weight_decay"] == 0.1
+    others = {id(p) for g in (decay, no_decay) for p in g["params"]}
+    assert not others & expert_params and len(others) + len(expert_params) == len(list(model.parameters()))

@@ -274,3 +274,14 @@ def test_report_includes_an_lm_eval_benchmark_when_asked(tmp_path, corpus):
                          eval_include_path=str(tasks))).train()
     report = (Path(result.run_dir) / "report.md").read_text()
     assert "## Benchmarks (lm-evaluation-harness, final checkpoint)" in report and "| leanmoe_ll | acc |" in report
+
+
+def test_expert_lr_scale_follows_the_schedule(tmp_path, corpus):
+    trainer = Trainer(_tc(tmp_path, corpus, max_steps=2, eval_interval=100, expert_lr_scale=3.0))
+    trainer.train()
+    lr = json.loads((Path(trainer.run_dir) / "metrics.jsonl").read_text().splitlines()[-1])["lr"]
+    groups = trainer.optimizer.param_groups
+    assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, 1.0, 3.0]
+    assert groups[0]["lr"] == pytest.approx(lr) and groups[2]["lr"] == pytest.approx(3 * lr)
+    with pytest.raises(TrainingError, match="expert-lr-scale"):
+        Trainer(_tc(tmp_path, corpus, "bad", max_steps=1, expert_lr_scale=0.0)).train()
