@@ -85,7 +85,7 @@ def library() -> ctypes.CDLL | None:
         return None
     fn = lib.leanmoe_mla_decode_f32
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 7 + [ctypes.c_float] + [ctypes.c_int] * 3
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 8 + [ctypes.c_float] + [ctypes.c_int] * 3
     _status = f"on ({cc}, {' '.join(FLAGS[:3])})"
     return lib
 

@@ -54,10 +54,21 @@ static void axpy(float *restrict y, float a, const float *restrict x, int n) {
 
 #define TILE 16 /* keys per tile: their rows (16 x 2.3 KB at d = 576) stay in L1/L2 while every query row passes */
 
-/* Returns 0, or -1 when scratch memory could not be allocated (the outputs are then incomplete). */
+/* Returns 0; -1 when scratch memory could not be allocated (the outputs are then incomplete); before
+ * reading anything, -2 when a length is negative or longer than its table row holds, -3 when a table
+ * entry a sequence uses is not a block of the cache. */
 int leanmoe_mla_decode_f32(const float *q, const float *kv, const int32_t *block_table, const int32_t *seqlens,
                            float *out, float *lse, int b, int s_q, int h_q, int d, int dv, int block_size,
-                           int max_blocks, float scale, int causal, int chunks_per_seq, int n_threads) {
+                           int max_blocks, int n_blocks, float scale, int causal, int chunks_per_seq,
+                           int n_threads) {
+    for (int seq = 0; seq < b; seq++) { /* every slot read below lies in the cache */
+        const int n = seqlens[seq];
+        if (n < 0 || n > (int64_t)max_blocks * block_size) return -2;
+        for (int i = 0; i < (n + block_size - 1) / block_size; i++) {
+            const int32_t blk = block_table[(int64_t)seq * max_blocks + i];
+            if (blk < 0 || blk >= n_blocks) return -3;
+        }
+    }
     const int rows = s_q * h_q;
     const int rows_per_chunk = (rows + chunks_per_seq - 1) / chunks_per_seq;
     int failed = 0;

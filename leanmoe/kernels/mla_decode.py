@@ -178,8 +178,14 @@ def mla_decode_cpu(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     chunks = max(1, min(s_q * h_q, -(-threads // max(b, 1))))  # enough work items for every thread
     rc = lib.leanmoe_mla_decode_f32(
         q.data_ptr(), kv_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(), out.data_ptr(),
-        lse.data_ptr(), b, s_q, h_q, d, head_dim_v, kv_cache.shape[1], block_table.shape[1], scale, int(causal),
-        chunks, threads)
+        lse.data_ptr(), b, s_q, h_q, d, head_dim_v, kv_cache.shape[1], block_table.shape[1], kv_cache.shape[0],
+        scale, int(causal), chunks, threads)
+    if rc == -2:
+        raise ValueError(f"mla_decode_cpu: cache_seqlens {cache_seqlens.tolist()} must be in [0, "
+                         f"{block_table.shape[1] * kv_cache.shape[1]}] (the block table's {block_table.shape[1]} "
+                         f"blocks of {kv_cache.shape[1]} tokens)")
+    if rc == -3:
+        raise ValueError(f"mla_decode_cpu: the block table names blocks outside the cache's {kv_cache.shape[0]}")
     if rc != 0:
         raise MemoryError(f"mla_decode_cpu: could not allocate the score rows (batch {b}, table "
                           f"{block_table.shape[1]} blocks of {kv_cache.shape[1]})")

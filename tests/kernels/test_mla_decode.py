@@ -138,6 +138,17 @@ def test_cpu_kernel_refuses_what_it_does_not_handle():
         mla_decode_cpu(q, kv, bt, seqlens, dv)
     with pytest.raises(ValueError, match="head_dim_v"):
         mla_decode_cpu(q.float(), kv.float(), bt, seqlens, 0)
+    # what would read outside the cache is refused before anything is read (a C kernel would crash)
+    q, kv = q.float(), kv.float()
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        mla_decode_cpu(q, kv, bt, seqlens + bt.shape[1] * 4, dv)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        mla_decode_cpu(q, kv, bt, seqlens - 6, dv)
+    for bad in (-1, kv.shape[0]):
+        table = bt.clone()
+        table[0, 0] = bad
+        with pytest.raises(ValueError, match="outside the cache"):
+            mla_decode_cpu(q, kv, table, seqlens, dv)
 
 
 def test_dispatch_on_cpu(monkeypatch):
