@@ -11,7 +11,7 @@ Why not torch.utils.cpp_extension: its headers take a minute to compile on a lap
 machine and every torch upgrade; these kernels need only pointers.
 
 Without a compiler (or with LEANMOE_CPU_KERNELS=0) `library()` returns None and `status()` says why;
-callers then use their torch path, and the engine logs which one it runs.
+callers then use their torch path, and `leanmoe serve` prints which one it runs.
 """
 
 from __future__ import annotations

@@ -54,6 +54,18 @@ static void axpy(float *restrict y, float a, const float *restrict x, int n) {
 
 #define TILE 16 /* keys per tile: their rows (16 x 2.3 KB at d = 576) stay in L1/L2 while every query row passes */
 
+/* Points keys[0 .. t) at keys j0 .. j0 + t of a sequence (its block-table row `table`) in the cache;
+ * returns t, at most TILE. */
+static int tile_keys(const float *kv, const int32_t *table, int block_size, int d, int n, int j0,
+                     const float **keys) {
+    const int t = n - j0 < TILE ? n - j0 : TILE;
+    for (int jj = 0; jj < t; jj++) {
+        const int j = j0 + jj;
+        keys[jj] = kv + ((int64_t)table[j / block_size] * block_size + j % block_size) * d;
+    }
+    return t;
+}
+
 /* Returns 0; -1 when scratch memory could not be allocated (the outputs are then incomplete); before
  * reading anything, -2 when a length is negative or longer than its table row holds, -3 when a table
  * entry a sequence uses is not a block of the cache. */
@@ -88,11 +100,7 @@ int leanmoe_mla_decode_f32(const float *q, const float *kv, const int32_t *block
         const float *keys[TILE];
         /* 1. scores, a tile of keys at a time: each query row passes over the tile while it is in cache */
         for (int j0 = 0; j0 < n; j0 += TILE) {
-            const int t = n - j0 < TILE ? n - j0 : TILE;
-            for (int jj = 0; jj < t; jj++) {
-                const int j = j0 + jj;
-                keys[jj] = kv + ((int64_t)table[j / block_size] * block_size + j % block_size) * d;
-            }
+            const int t = tile_keys(kv, table, block_size, d, n, j0, keys);
             for (int r = r0; r < r1; r++) {
                 const float *qr = q + ((int64_t)seq * rows + r) * d;
                 float *s = scores + (int64_t)(r - r0) * n + j0;
@@ -103,7 +111,7 @@ int leanmoe_mla_decode_f32(const float *q, const float *kv, const int32_t *block
                 for (jj = 0; jj < t; jj++) s[jj] = j0 + jj < limit ? scale * s[jj] : -INFINITY;
             }
         }
-        /* 2. softmax numerators; 1/l kept in the row's lse slot until step 3 */
+        /* 2. softmax numerators in place of the scores, 1/l per row for step 3, and the lse */
         float *inv_l = malloc(sizeof(float) * (size_t)(r1 - r0));
         if (inv_l == NULL) {
             free(scores);
@@ -132,11 +140,7 @@ int leanmoe_mla_decode_f32(const float *q, const float *kv, const int32_t *block
         /* 3. values: the first dv columns of the keys, a tile at a time as in step 1 */
         for (int r = r0; r < r1; r++) memset(out + ((int64_t)seq * rows + r) * dv, 0, sizeof(float) * (size_t)dv);
         for (int j0 = 0; j0 < n; j0 += TILE) {
-            const int t = n - j0 < TILE ? n - j0 : TILE;
-            for (int jj = 0; jj < t; jj++) {
-                const int j = j0 + jj;
-                keys[jj] = kv + ((int64_t)table[j / block_size] * block_size + j % block_size) * d;
-            }
+            const int t = tile_keys(kv, table, block_size, d, n, j0, keys);
             for (int r = r0; r < r1; r++) {
                 float *o = out + ((int64_t)seq * rows + r) * dv;
                 const float *p = scores + (int64_t)(r - r0) * n + j0;

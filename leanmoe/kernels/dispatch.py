@@ -16,9 +16,8 @@ and `tl` are None and `triton_jit` leaves the function bare (never launched).
 
 On CPUs, ops that have a C kernel (leanmoe.kernels.cpu_kernels: so far MLA decode) run it for fp32
 tensors when it is built, at the shapes where it measured faster; `use_cpu_kernel(*ts)` says
-whether it can run. Without a C compiler, or with
-LEANMOE_CPU_KERNELS=0, the torch path runs, and `cpu_kernels.status()` (printed by `leanmoe serve`)
-says why.
+whether it can run. Without a C compiler, or with LEANMOE_CPU_KERNELS=0, the torch path runs, and
+`cpu_kernels.status()` (printed by `leanmoe serve`) says why.
 """
 
 from __future__ import annotations

@@ -21,8 +21,7 @@ padding may hold anything (tests fill it with NaN).
 `mla_decode_cpu` is a C kernel (leanmoe/kernels/cpu_mla.c) that reads the keys in place;
 `mla_decode` is the dispatch point every caller uses (Triton on CUDA/ROCm tensors, the C kernel for
 fp32 CPU tensors with at most CPU_KERNEL_MAX_ROWS query rows per sequence, the batched torch path
-elsewhere; see leanmoe.kernels.dispatch for the rule,
-LEANMOE_TRITON_INTERPRET and LEANMOE_CPU_KERNELS).
+elsewhere; see leanmoe.kernels.dispatch for the rule, LEANMOE_TRITON_INTERPRET and LEANMOE_CPU_KERNELS).
 The inference call site, one MLA layer's absorbed attention over a paged cache, is
 leanmoe.infer.paged_cache.paged_mla_attend.
 
@@ -163,10 +162,10 @@ def mla_decode_cpu(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     from leanmoe.kernels.cpu_kernels import library
 
     _check(q, kv_cache, block_table, cache_seqlens, head_dim_v)
-    lib = library()
-    if lib is None or not use_cpu_kernel(q, kv_cache):
+    if not use_cpu_kernel(q, kv_cache):
         raise RuntimeError("mla_decode_cpu needs fp32 CPU tensors and the built C kernels "
                            "(leanmoe.kernels.cpu_kernels.status() says why they are not)")
+    lib = library()  # built: use_cpu_kernel said so
     b, s_q, h_q, d = q.shape
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     q, kv_cache = q.contiguous(), kv_cache.contiguous()
