@@ -85,6 +85,8 @@ def main() -> None:
     cfg = model.config
     model = model.to(args.device, dtype)
     llm = LLM(model, speculative=args.speculative, max_num_seqs=max(args.batch_sizes))
+    if llm.config.compile_decode:  # as `leanmoe serve` does before it takes requests
+        print(f"# leanmoe decode step: {llm.runner.compile_decode(warmup=True)}")
     hf = None if args.no_transformers else load_transformers(path).to(args.device, dtype)
     where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
              else f"{torch.get_num_threads()} CPU threads")

@@ -16,6 +16,7 @@ describe the CPU reference path, not the kernels.
     python bench/kernels.py --only mla --quick
     python bench/kernels.py --sweep    # GPU: time alternative tile configurations first
     python bench/kernels.py --only mla-cpu   # the CPU decode attention: C kernel vs torch path vs SDPA
+    python bench/kernels.py --only experts-cpu   # the CPU experts' MLP: C kernel vs grouped GEMMs
 
 Every timed kernel output is first compared with the same call's reference (FP8 GEMMs: DeepGEMM's
 calc_diff against the unquantised product < 1e-3; MLA: relative error against the gather + SDPA
@@ -55,6 +56,10 @@ CPU_MLA = [(4, 1, 16, 1024), (4, 2, 16, 1024)]
 CPU_KERNEL_MLA = [(1, 1, 4, 128, 16), (16, 1, 4, 128, 16), (16, 2, 4, 128, 16), (16, 1, 4, 1024, 16),
                   (1, 1, 16, 1024, 64), (8, 1, 16, 1024, 64), (4, 1, 32, 2048, 64), (4, 1, 64, 2048, 64),
                   (4, 1, 128, 2048, 64)]
+# (experts, hidden, expert width, token copies): bench/serve_vs_vllm.py's model at batch 1, 16 and 64
+# (top-2), the `tiny` preset (32 experts, top-4) at batch 16 and 64, and past the threshold
+CPU_KERNEL_EXPERTS = [(8, 256, 128, 2), (8, 256, 128, 32), (8, 256, 128, 128), (8, 256, 128, 256),
+                      (32, 256, 64, 64), (32, 256, 64, 256), (32, 256, 64, 512), (32, 256, 64, 1024)]
 
 
 def timer(fn, cuda: bool) -> float:
@@ -240,6 +245,36 @@ def bench_mla_cpu(shapes, rounds: int = 3) -> None:
           ["shape", "C kernel", "torch path", "gather + SDPA", "vs torch", "vs SDPA"], rows)
 
 
+def bench_experts_cpu(shapes, rounds: int = 3) -> None:
+    """The routed experts' SwiGLU MLP at decode sizes on the CPU: leanmoe's C kernel (the inference
+    default for fp32 at <= CPU_EXPERTS_MAX_ROWS rows per expert) against the grouped GEMMs + silu it
+    replaced (torch._grouped_mm), fp32, token copies spread evenly over the experts, alternating in
+    rounds; the median of the rounds' medians."""
+    from leanmoe.kernels.cpu_kernels import status
+    from leanmoe.kernels.grouped_gemm import expert_mlp_cpu, expert_mlp_reference
+
+    print(f"\nC kernel: {status()}; {torch.get_num_threads()} threads")
+    rows = []
+    for e, d, f, m in shapes:
+        w1, w2 = torch.randn(e, 2 * f, d) / d**0.5, torch.randn(e, d, f) / f**0.5
+        x = torch.randn(m, d)
+        offs = torch.bincount(torch.arange(m) % e, minlength=e).cumsum(0).to(torch.int32)
+        fns = {"C kernel": lambda: expert_mlp_cpu(x, w1, w2, offs),
+               "grouped": lambda: expert_mlp_reference(x, w1, w2, offs)}
+        with torch.no_grad():
+            ref = fns["grouped"]()
+            verify(f"experts E={e} M={m}", ((fns["C kernel"]() - ref).norm() / ref.norm()).item(), 1e-5)
+            times: dict[str, list[float]] = {k: [] for k in fns}
+            for _ in range(rounds):
+                for name, fn in fns.items():
+                    times[name].append(timer(fn, False))
+        t = {k: statistics.median(v) for k, v in times.items()}
+        rows.append([f"E={e} D={d} F={f} M={m} ({m / e:g} rows/expert)", f"{t['C kernel'] * 1e6:.0f}",
+                     f"{t['grouped'] * 1e6:.0f}", f"{t['grouped'] / t['C kernel']:.2f}x"])
+    table("routed experts' SwiGLU MLP on the CPU (fp32), microseconds per call",
+          ["shape", "C kernel", "grouped GEMMs", "vs grouped"], rows)
+
+
 # --sweep: tile configurations tried on a GPU (block_m, block_n, num_warps, num_stages) for the FP8
 # GEMM and (rows per program, keys per step, num_warps, num_stages) for MLA decode; the first is
 # the library default.
@@ -289,7 +324,7 @@ def sweep(dev: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["dense", "grouped", "mla", "mla-cpu"], help="run one group")
+    p.add_argument("--only", choices=["dense", "grouped", "mla", "mla-cpu", "experts-cpu"], help="run one group")
     p.add_argument("--quick", action="store_true", help="first few shapes only")
     p.add_argument("--sweep", action="store_true", help="GPU: first time alternative tile configurations")
     args = p.parse_args()
@@ -311,6 +346,8 @@ def main() -> None:
         bench_mla(cut(MLA if cuda else CPU_MLA), dev, cuda)
     if args.only == "mla-cpu" or (args.only is None and not cuda):
         bench_mla_cpu(cut(CPU_KERNEL_MLA))
+    if args.only == "experts-cpu" or (args.only is None and not cuda):
+        bench_experts_cpu(cut(CPU_KERNEL_EXPERTS))
 
 
 if __name__ == "__main__":

@@ -45,22 +45,28 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="EngineConfig.compile (auto: torch.compile for fp32 on a CPU)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from leanmoe.infer import LLM, SamplingParams
 
     ckpt = Path(args.checkpoint) if args.checkpoint else checkpoint(CACHE / "serve_vs_vllm")
-    llm = LLM(ckpt, device="cpu", dtype=args.dtype, max_num_seqs=args.batch, speculative=False)
+    llm = LLM(ckpt, device="cpu", dtype=args.dtype, max_num_seqs=args.batch, speculative=False, compile=args.compile)
+    if llm.config.compile_decode:  # as `leanmoe serve` does before it takes requests
+        print(f"# decode step: {llm.runner.compile_decode(warmup=True)}")
     words = Path(__file__).read_text().split()
     prompts = [" ".join(words[i * 5 % 200: i * 5 % 200 + 24]) for i in range(args.batch)]
     params = SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True)
     for pr in prompts:
         llm.add_request(pr, params, stream=True)
-    for _ in range(4):  # prefill and a few warm decode steps
+    t0 = time.perf_counter()
+    for _ in range(4):  # prefill and a few warm decode steps (the first one compiles, with --compile on)
         llm.step()
+    print(f"# decode step: {llm.runner.compile_status}; prefill + 3 warm-up steps {time.perf_counter() - t0:.1f} s")
     bucket: dict[str, list[float]] = defaultdict(list)
     timed(llm.scheduler, "schedule", bucket, "schedule (Python)")
-    timed(llm.runner.model, "hidden_states", bucket, "model: layers")
+    timed(llm.runner, "_decode_hidden", bucket, "model: layers")
     timed(llm.runner.model.lm_head, "forward", bucket, "model: lm_head")
     timed(llm.runner.sampler, "sample", bucket, "sample")
     timed(llm, "_append", bucket, "append + stop checks")
@@ -72,7 +78,8 @@ def main() -> int:
         llm.step()
         steps.append(time.perf_counter() - t0)
     total = sum(steps)
-    print(f"# decode step at batch {args.batch}, {args.steps} steps, {args.dtype}, {args.threads} threads: "
+    print(f"# decode step at batch {args.batch}, {args.steps} steps, {args.dtype}, {args.threads} threads, "
+          f"{'compiled' if llm.runner._compiled_hidden is not None else 'eager'}: "
           f"median {statistics.median(steps) * 1e3:.2f} ms/step, {args.batch / statistics.median(steps):,.0f} tok/s\n")
     print("| part | ms/step | share |\n|---|---:|---:|")
     accounted = 0.0

@@ -109,6 +109,8 @@ def offline(ckpt: Path, python: str | None, args, log: Path) -> dict:
     from leanmoe.infer import LLM, SamplingParams
 
     llm = LLM(ckpt, device="cpu", dtype="fp32", max_num_seqs=args.concurrency)
+    if llm.config.compile_decode:  # as `leanmoe serve` does at startup
+        say(f"offline leanmoe: decode step {llm.runner.compile_decode(warmup=True)}")
     words = Path(__file__).read_text().split()
     ids = [llm.encode(" ".join(words[i * 5 % 300: i * 5 % 300 + args.prompt_words])) for i in range(args.concurrency)]
     greedy = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)

@@ -3,6 +3,9 @@ import os
 # Triton kernels run under the CPU interpreter in the test suite, also on GPU machines: the
 # interpreter mode can only be chosen before triton is first imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Engines decode eagerly here unless a test asks for compile="on": compiling takes seconds per
+# engine (tests/infer/test_compiled_decode.py holds the compiled step to the eager one).
+os.environ.setdefault("LEANMOE_COMPILE", "0")
 
 import random
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,11 @@ class EngineConfig:
     device / dtype: names as in training (leanmoe.device): "auto" picks cuda + bf16 when a GPU is
         there (else mps or cpu, + fp32); fp32 | bf16 | fp16 (or float32 | bfloat16 | float16).
     dtype / cache_dtype: weights and cache; cache_dtype None follows dtype.
+    compile: run decode steps through `torch.compile` (inductor, dynamic shapes): "on", "off", or
+        "auto", which is "on" for fp32 on a CPU (a batch-1 step took ~0.55x the eager one there:
+        docs/benchmarks.md) unless LEANMOE_COMPILE=0, and "off" elsewhere (not measured). The first
+        decode step compiles (seconds to a minute; inductor caches it on disk for the next start).
+        Under "auto" a failed compile falls back to eager and `ModelRunner.compile_status` says why.
     """
 
     block_size: int = 64
@@ -45,6 +51,7 @@ class EngineConfig:
     cache_dtype: str | None = None
     max_cache_bytes: int = 2 * 2**30
     seed: int = 0
+    compile: str = "auto"
 
     def resolved(self, cfg: ModelConfig, has_mtp: bool) -> EngineConfig:
         """A copy with every None filled in from the model, validated; raises ValueError naming the field."""
@@ -65,6 +72,8 @@ class EngineConfig:
                     raise ValueError(f"EngineConfig: {name}={v!r}; {str(e).split(': ', 1)[1]}") from None
         if c.cache_dtype is None:
             c.cache_dtype = c.dtype
+        if c.compile not in ("auto", "on", "off"):
+            raise ValueError(f"EngineConfig: compile={c.compile!r}; choose one of auto, on, off")
         n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
         elem = torch.empty(0, dtype=torch_dtype(c.cache_dtype)).element_size()
         block_bytes = n_layers * c.block_size * cfg.latent_dim * elem
@@ -99,6 +108,14 @@ class EngineConfig:
         self.device = str(resolve_device(self.device))
         if self.dtype == "auto":
             self.dtype = auto_dtype(self.device)
+
+    @property
+    def compile_decode(self) -> bool:
+        """Whether decode steps should be compiled (see `compile`; needs resolved device and dtype)."""
+        if self.compile == "auto":
+            return (torch.device(self.device).type == "cpu" and self.torch_dtype == torch.float32
+                    and os.environ.get("LEANMOE_COMPILE", "1") != "0")
+        return self.compile == "on"
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -27,6 +27,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -61,6 +62,7 @@ class EngineProcess(Relay):
         self._reader: threading.Thread | None = None
         self._counters: dict[str, float] = _zero_counters()
         self.error: str | None = None
+        self.compile_status = "not started"  # the child's ModelRunner.compile_status once it is up
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -85,6 +87,7 @@ class EngineProcess(Relay):
             proc.join(5)
             raise RuntimeError(f"the engine process failed to start: {payload}")
         self._proc, self._conn, self._dead, self.error = proc, parent, False, None
+        self.compile_status = payload
         self._counters = _zero_counters()
         self.llm.runner.cache = self.llm.runner.backend = None  # the front never steps: free its cache
         self._reader = threading.Thread(target=self._read, name="leanmoe-engine-reader", daemon=True)
@@ -168,10 +171,14 @@ def _child_main(conn, checkpoint: str, config, threads: int | None) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
         llm = LLM(checkpoint, config=config)
+        # compile the decode step now, while the cache is empty, so that no request waits for it
+        compiled = llm.runner.compile_decode(warmup=True) if llm.config.compile_decode else llm.runner.compile_status
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", None))
+    if llm.config.compile_decode:
+        print(f"leanmoe engine process: decode step {compiled}", file=sys.stderr, flush=True)
+    conn.send(("ready", compiled))
     try:
         _child_loop(conn, llm)
     except (EOFError, OSError, KeyboardInterrupt):  # the parent went away

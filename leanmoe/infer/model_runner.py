@@ -23,6 +23,7 @@ position that includes the draft, which is the first token whenever the second o
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -66,12 +67,89 @@ class ModelRunner:
         self.backend: PagedAttention | None = None
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
+        self._compiled_hidden = None  # torch.compile of _hidden, once compile_decode has run
+        self._compile_failed = False
+        self._warmed = False  # both graphs compiled by compile_decode(warmup=True)
+        self.compile_status = "eager" if not config.compile_decode else "compiled at the first decode step"
 
     def allocate_cache(self) -> PagedLatentCache:
         self.cache = PagedLatentCache(self.model.config, self.config.num_blocks, self.block_size, self.device,
                                       self.config.torch_cache_dtype)
         self.backend = PagedAttention(self.cache)
         return self.cache
+
+    # ------------------------------------------------------------------ the compiled decode forward
+    def _hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The trunk over [B, T] ids with the backend's current metadata -> final-normed h [B, T, D]."""
+        return self.model.hidden_states(input_ids, position_ids, self.backend)[0]
+
+    def compile_decode(self, warmup: bool = False) -> str:
+        """Compile the decode forward with torch.compile (dynamic shapes: one graph for batch 1 and
+        one for larger batches, each compiled when first met). warmup: compile both now, over dummy
+        steps that write block 0 of the cache -- only while no sequence holds blocks (a server at
+        startup, so that no request waits for a compile). Returns `compile_status`. A failed compile
+        raises under compile="on"; otherwise decoding stays eager and the status says why."""
+        import leanmoe.kernels.mla_decode  # noqa: F401  (registers leanmoe::mla_decode before tracing)
+
+        if self._compiled_hidden is None:
+            self._compiled_hidden = torch.compile(self._hidden, dynamic=True)
+            self.compile_status = "compiled (torch.compile)"
+        if warmup:
+            t0 = time.perf_counter()
+            try:
+                self._warm(self._compiled_hidden)
+            except torch._dynamo.exc.TorchDynamoException as e:  # no C++ compiler, a lowering bug, ...
+                self._compile_failed_with(e)
+            else:
+                self._warmed = True
+                self.compile_status = f"compiled (torch.compile; warm-up {time.perf_counter() - t0:.0f} s)"
+        return self.compile_status
+
+    def _compile_failed_with(self, e: Exception) -> None:
+        if self.config.compile == "on":
+            raise RuntimeError(f"compile='on': compiling the decode step failed: {_first_line(e)}") from e
+        self._compiled_hidden, self._compile_failed = None, True
+        self.compile_status = f"eager (torch.compile failed: {_first_line(e)})"
+
+    @torch.inference_mode()
+    def _warm(self, fn) -> None:
+        t = 2 if self.speculative else 1
+        try:
+            for b in (1, 2):
+                self.backend.metadata = DecodeMetadata(
+                    torch.arange(b * t, device=self.device), torch.zeros(b, 2, dtype=torch.int32, device=self.device),
+                    torch.full((b,), t, dtype=torch.int32, device=self.device))
+                fn(torch.zeros(b, t, dtype=torch.int64, device=self.device),  # contiguous, as a step's: strides
+                   torch.arange(t, device=self.device).repeat(b, 1))         # are guarded too
+        finally:
+            self.backend.metadata = None
+
+    @property
+    def _compiling(self) -> bool:
+        return self.config.compile_decode and not self._compile_failed
+
+    def _decode_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """_hidden for a decode step: compiled when the config says so."""
+        if not self._compiling:
+            return self._hidden(input_ids, position_ids)
+        if self._compiled_hidden is None:
+            self.compile_decode()
+        try:
+            if self._warmed:
+                # NOTE: dynamo's guards check every parameter, cache view and metadata tensor on each
+                # call (0.2-0.5 ms a step here). Once both graphs exist, only the guards that tell
+                # them apart (batch 1 or more) are needed: nothing else of the model, the cache or
+                # the step's tensors (dtypes, devices, ranks) changes while the engine lives.
+                try:
+                    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                        return self._compiled_hidden(input_ids, position_ids)
+                except RuntimeError as e:  # a step no warm-up graph fits: compile it, with every guard
+                    if "skip_guard_eval_unsafe" not in str(e):
+                        raise
+            return self._compiled_hidden(input_ids, position_ids)
+        except torch._dynamo.exc.TorchDynamoException as e:  # compiling at a new shape failed (errors
+            self._compile_failed_with(e)                      # of the compiled code pass unwrapped)
+            return self._hidden(input_ids, position_ids)
 
     # ------------------------------------------------------------------ inputs
     def _slot(self, seq: Sequence, pos: int) -> int:
@@ -177,6 +255,8 @@ class ModelRunner:
 
     def _decode_metadata(self, seqs: list[Sequence], t: int) -> DecodeMetadata:
         width = max(len(s.block_table) for s in seqs)
+        if self._compiling:  # a width of 1 would be a graph of its own (dynamo specialises sizes 0 and 1)
+            width = max(width, 2)
         table = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         slots = [self._slot(s, s.num_cached_tokens + i) for s in seqs for i in range(t)]
         return DecodeMetadata(self._tensor(slots), self._tensor(table, torch.int32),
@@ -186,7 +266,7 @@ class ModelRunner:
         self.backend.metadata = self._decode_metadata(seqs, 1)
         input_ids = self._tensor([[s.token_ids[-1]] for s in seqs])  # [B, 1]
         position_ids = self._tensor([[s.num_cached_tokens] for s in seqs])
-        h, _ = self.model.hidden_states(input_ids, position_ids, self.backend)
+        h = self._decode_hidden(input_ids, position_ids)
         logits = self.model.lm_head(h[:, -1])  # [B, V]
         tokens, logprobs = self._sample(logits, seqs)
         return [StepOutput([t], None, _one(logprobs, b))
@@ -198,7 +278,7 @@ class ModelRunner:
         input_ids = torch.stack([self._tensor([s.token_ids[-1] for s in seqs]), drafts], dim=1)  # [B, 2]
         n = self._tensor([s.num_cached_tokens for s in seqs])
         position_ids = torch.stack([n, n + 1], dim=1)
-        h, _ = self.model.hidden_states(input_ids, position_ids, self.backend)  # [B, 2, D]
+        h = self._decode_hidden(input_ids, position_ids)  # [B, 2, D]
         logits = self.model.lm_head(h)  # [B, 2, V]
         params = [s.params for s in seqs]
         adjust = any(p.adjusts_logits for p in params)
@@ -220,6 +300,11 @@ class ModelRunner:
         return [StepOutput([a, b] if ok else [a], d,
                            None if lps is None or lps[2 * i] is None else lps[2 * i: 2 * i + 1 + ok])
                 for i, (a, b, ok, d) in enumerate(zip(*out))]
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def _one(logprobs: list | None, b: int) -> list[TokenLogprob] | None:

@@ -447,16 +447,20 @@ def serve(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
         from leanmoe.infer.engine_process import EngineProcess
 
         engine: Any = EngineProcess(llm, checkpoint, threads=n_threads)
+        compiled = "compiled in the engine process at startup" if llm.config.compile_decode else "eager"
     else:
         if cpu:
             torch.set_num_threads(n_threads)
         engine = AsyncEngine(llm)
+        # compile before serving (the cache is still empty), so no request waits for it
+        compiled = llm.runner.compile_decode(warmup=True) if llm.config.compile_decode else "eager"
     where = "its own process" if own_process else "a thread beside the event loop"
     setup = f"{llm.runner.device} ({llm.config.dtype})" + (f", {n_threads} threads" if cpu else "")
     if cpu:
         from leanmoe.kernels.cpu_kernels import status
 
-        setup += f"; C attention kernel: {status()}"
+        setup += f"; C kernels (attention, experts): {status()}"
+    setup += f"; decode step: {compiled}"
     print(f"leanmoe serve: {name} on {setup}; the engine runs in {where}", file=sys.stderr, flush=True)
     app = create_app(engine, name, api_key, limits)
     freeze_startup_heap()

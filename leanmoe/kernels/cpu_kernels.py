@@ -1,8 +1,8 @@
 """leanmoe's C kernels for CPUs: compiled on first use with the system C compiler, loaded with ctypes.
 
-The source (`cpu_mla.c` next to this file) is plain C11 with OpenMP; it is built with
+The sources (`cpu_mla.c`, `cpu_moe.c` next to this file) are plain C11 with OpenMP; they are built with
 `-O3 -march=native -fopenmp` into ~/.cache/leanmoe/kernels (or $LEANMOE_CACHE/kernels), under a name
-that hashes the source, the flags, the compiler and this CPU's feature flags, so a rebuilt source, a
+that hashes the sources, the flags, the compiler and this CPU's feature flags, so a rebuilt source, a
 new compiler or another CPU sharing the home folder gets its own library. A build takes about a
 second. ctypes releases the interpreter lock for the call, and the library shares torch's OpenMP
 runtime (the same libgomp.so.1 soname), so its threads are torch's threads.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 __all__ = ["library", "status", "FLAGS"]
 
-SOURCE = Path(__file__).with_name("cpu_mla.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_mla.c", "cpu_moe.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC"]
 _status = "not loaded yet"
 
@@ -50,7 +50,7 @@ def _cache_dir() -> Path:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags(),
+    key = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES), " ".join(FLAGS), version, _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"leanmoe_cpu_{key}.so"
     if target.is_file():
@@ -58,7 +58,7 @@ def _build(cc: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename: atomic
         built = Path(tmp) / target.name
-        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+        proc = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(built), "-lm"], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-2000:]}")
         os.replace(built, target)
@@ -81,11 +81,14 @@ def library() -> ctypes.CDLL | None:
 
         lib = ctypes.CDLL(str(_build(cc)))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-        _status = f"unavailable: building {SOURCE.name} failed: {e}"
+        _status = f"unavailable: building {', '.join(src.name for src in SOURCES)} failed: {e}"
         return None
     fn = lib.leanmoe_mla_decode_f32
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 8 + [ctypes.c_float] + [ctypes.c_int] * 3
+    fn = lib.leanmoe_expert_mlp_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
     _status = f"on ({cc}, {' '.join(FLAGS[:3])})"
     return lib
 

@@ -20,7 +20,8 @@ import functools
 
 import torch
 
-__all__ = ["grouped_mm", "grouped_mm_reference", "grouped_mm_backend"]
+__all__ = ["grouped_mm", "grouped_mm_reference", "grouped_mm_backend", "expert_mlp", "expert_mlp_cpu",
+           "expert_mlp_reference"]
 
 
 def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -160,3 +161,72 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
         # a call, a tenth of a batch-1 decode step's MoE) buys nothing
         return _grouped_mm_impl(x, w, offs)
     return _grouped_mm_op(x, w, offs)
+
+
+# ---------------------------------------------------------------------- the experts' whole MLP
+# NOTE: the C kernel beat the grouped GEMMs up to this many rows (token copies) per expert on
+# average (bench/kernels.py --only experts-cpu, 2-core AVX-512 CPU: see docs/benchmarks.md)
+CPU_EXPERTS_MAX_ROWS = 16
+
+
+def expert_mlp_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts over rows sorted by expert: x [M, D], w1 [E, 2F, D] (gate rows, then up rows),
+    w2 [E, D, F], offs [E] inclusive row ends -> y [M, D]. Grouped GEMMs, differentiable."""
+    gate, up = grouped_mm(x, w1.transpose(1, 2), offs).chunk(2, dim=-1)
+    return grouped_mm(torch.nn.functional.silu(gate) * up, w2.transpose(1, 2), offs)
+
+
+def expert_mlp_cpu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`expert_mlp_reference` by the C kernel (leanmoe/kernels/cpu_moe.c): fp32 CPU tensors, no
+    gradient. Each used expert's weights are read once for all its rows."""
+    from leanmoe.kernels.cpu_kernels import library
+
+    lib = library()
+    if lib is None or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (x, w1, w2)):
+        raise RuntimeError("expert_mlp_cpu needs fp32 CPU tensors and the built C kernels "
+                           "(leanmoe.kernels.cpu_kernels.status() says why they are not)")
+    (m, d), (e, f2, d1), (e2, d2, f) = x.shape, w1.shape, w2.shape
+    if d1 != d or d2 != d or e2 != e or f2 != 2 * f or offs.shape != (e,):
+        raise ValueError(f"expert_mlp_cpu: expected x [M, D], w1 [E, 2F, D], w2 [E, D, F], offs [E]; got "
+                         f"{tuple(x.shape)}, {tuple(w1.shape)}, {tuple(w2.shape)}, {tuple(offs.shape)}")
+    x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
+    offs = offs.to(torch.int32).contiguous()
+    h = x.new_empty(m, 2 * f)
+    y = x.new_empty(m, d)
+    rc = lib.leanmoe_expert_mlp_f32(x.data_ptr(), offs.data_ptr(), w1.data_ptr(), w2.data_ptr(), h.data_ptr(),
+                                    y.data_ptr(), m, e, d, f, torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"expert_mlp_cpu: offs {offs.tolist()} must be nondecreasing row ends with offs[-1] == {m}")
+    return y
+
+
+def _use_cpu_experts(x: torch.Tensor, w1: torch.Tensor) -> bool:
+    from leanmoe.kernels.dispatch import use_cpu_kernel
+
+    return x.shape[0] <= CPU_EXPERTS_MAX_ROWS * w1.shape[0] and use_cpu_kernel(x, w1)
+
+
+@torch.library.custom_op("leanmoe::expert_mlp", mutates_args=())
+def _expert_mlp_op(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if _use_cpu_experts(x, w1):
+        return expert_mlp_cpu(x, w1, w2, offs)
+    return expert_mlp_reference(x, w1, w2, offs)
+
+
+@_expert_mlp_op.register_fake
+def _(x, w1, w2, offs):
+    return x.new_empty(x.shape)
+
+
+def expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The routed experts' SwiGLU MLP (see `expert_mlp_reference` for the shapes). With a gradient
+    to compute: grouped GEMMs. Without (inference): the C kernel for fp32 CPU tensors with at most
+    CPU_EXPERTS_MAX_ROWS rows per expert on average, decided at call time (under torch.compile too:
+    the choice is one opaque op, so the traced graph holds for any row count)."""
+    if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad):
+        return expert_mlp_reference(x, w1, w2, offs)
+    if torch.compiler.is_compiling():
+        return _expert_mlp_op(x, w1, w2, offs)
+    if _use_cpu_experts(x, w1):
+        return expert_mlp_cpu(x, w1, w2, offs)
+    return expert_mlp_reference(x, w1, w2, offs)

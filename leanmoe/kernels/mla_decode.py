@@ -46,7 +46,7 @@ import torch
 from leanmoe.kernels.dispatch import (cdiv, check_tile_config, next_power_of_2, tl, triton_jit, use_cpu_kernel,
                                       use_triton)
 
-__all__ = ["mla_decode", "mla_decode_cpu", "mla_decode_plan", "mla_decode_reference", "mla_decode_torch",
+__all__ = ["mla_decode", "mla_decode_op", "mla_decode_cpu", "mla_decode_plan", "mla_decode_reference", "mla_decode_torch",
            "mla_decode_triton"]
 
 
@@ -352,6 +352,20 @@ def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torc
 
 
 # ---------------------------------------------------------------------- dispatch
+@torch.library.custom_op("leanmoe::mla_decode", mutates_args=())
+def mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                  head_dim_v: int, softmax_scale: float, causal: bool) -> torch.Tensor:
+    """`mla_decode` (its output only) as one opaque op for torch.compile: a compiled decode step
+    calls this, and the dispatch below runs at call time, outside the traced graph. Eager callers
+    use `mla_decode` itself (a custom op's dispatch costs ~10 microseconds a call)."""
+    return mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)[0]
+
+
+@mla_decode_op.register_fake
+def _(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
+    return q.new_empty(*q.shape[:3], head_dim_v)
+
+
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
                head_dim_v: int, softmax_scale: float | None = None, causal: bool = False, *,
                tile_config: tuple[int, int, int, int] | None = None,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanmoe.config import ModelConfig
-from leanmoe.kernels.grouped_gemm import grouped_mm
+from leanmoe.kernels.grouped_gemm import expert_mlp
 from leanmoe.model.layers import MLP
 
 
@@ -102,8 +102,7 @@ class Experts(nn.Module):
         if torch.is_autocast_enabled(x_MD.device.type):  # custom ops are not autocast: cast here
             dtype = torch.get_autocast_dtype(x_MD.device.type)
             x_MD, w1, w2 = x_MD.to(dtype), w1.to(dtype), w2.to(dtype)
-        gate_MF, up_MF = grouped_mm(x_MD, w1.transpose(1, 2), offs_E).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate_MF) * up_MF, w2.transpose(1, 2), offs_E)
+        return expert_mlp(x_MD, w1, w2, offs_E)
 
     def forward_reference(self, x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, topk_w_NK: torch.Tensor) -> torch.Tensor:
         """The obvious per-expert loop the grouped path is tested against: x [N, D] -> [N, D]."""

@@ -94,3 +94,80 @@ def test_compiles():
     grouped_mm_reference(x, w, offs).square().sum().backward()
     torch.testing.assert_close(gx, x.grad)
     torch.testing.assert_close(gw, w.grad)
+
+
+# ---------------------------------------------------------------------- the experts' whole MLP (C kernel)
+from leanmoe.kernels import grouped_gemm as grouped_gemm_module  # noqa: E402
+from leanmoe.kernels.grouped_gemm import expert_mlp, expert_mlp_cpu, expert_mlp_reference  # noqa: E402
+
+MLP_CASES = [
+    ([4, 0, 7, 5], 16, 8),     # an empty expert in the middle; rows not a multiple of four
+    ([3, 3, 1], 6, 5),         # odd widths (no SIMD-sized rows)
+    ([0, 0, 9], 32, 48),       # everything in the last expert
+    ([1], 4, 12),              # one expert, one row
+    ([0, 0], 8, 8),            # no rows at all
+    ([2, 1, 0, 3, 2, 0, 1, 1], 256, 128),  # a decode step of bench/serve_vs_vllm.py's model
+]
+
+
+def _expert_weights(e, d, f):
+    return torch.randn(e, 2 * f, d) / d**0.5, torch.randn(e, d, f) / f**0.5
+
+
+@pytest.mark.parametrize("counts,d,f", MLP_CASES)
+def test_expert_mlp_cpu_matches_reference(counts, d, f):
+    x = torch.randn(sum(counts), d)
+    w1, w2 = _expert_weights(len(counts), d, f)
+    offs = _offsets(counts)
+    want = expert_mlp_reference(x, w1, w2, offs)
+    torch.testing.assert_close(expert_mlp_cpu(x, w1, w2, offs), want, rtol=1e-5, atol=1e-5)
+    # strided views are copied, not misread
+    torch.testing.assert_close(expert_mlp_cpu(torch.cat([x, x], 1)[:, :d], w1.transpose(1, 2).contiguous()
+                                              .transpose(1, 2), w2, offs), want, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_mlp_cpu_same_result_at_any_thread_count():
+    counts = [5, 0, 9, 2, 7, 1, 0, 3]
+    x = torch.randn(sum(counts), 64)
+    w1, w2 = _expert_weights(8, 64, 32)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(expert_mlp_cpu(x, w1, w2, _offsets(counts)))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_expert_mlp_cpu_refuses_what_it_does_not_handle():
+    x = torch.randn(6, 8)
+    w1, w2 = _expert_weights(3, 8, 4)
+    with pytest.raises(ValueError, match="must be nondecreasing row ends with offs\\[-1\\] == 6"):
+        expert_mlp_cpu(x, w1, w2, torch.tensor([2, 1, 6], dtype=torch.int32))
+    with pytest.raises(ValueError, match="must be nondecreasing"):
+        expert_mlp_cpu(x, w1, w2, torch.tensor([2, 4, 5], dtype=torch.int32))  # a row left over
+    with pytest.raises(ValueError, match="expected x \\[M, D\\], w1 \\[E, 2F, D\\]"):
+        expert_mlp_cpu(x, w1[:, :7], w2, _offsets([2, 2, 2]))
+    with pytest.raises(RuntimeError, match="fp32 CPU tensors"):
+        expert_mlp_cpu(x.double(), w1.double(), w2.double(), _offsets([2, 2, 2]))
+
+
+def test_expert_mlp_dispatch(monkeypatch):
+    """The C kernel for inference at few rows per expert; grouped GEMMs with a gradient or many rows."""
+    called = []
+    real = grouped_gemm_module.expert_mlp_cpu
+    monkeypatch.setattr(grouped_gemm_module, "expert_mlp_cpu", lambda *a: called.append("C") or real(*a))
+    w1, w2 = _expert_weights(4, 16, 8)
+    few = torch.randn(4 * grouped_gemm_module.CPU_EXPERTS_MAX_ROWS, 16)
+    many = torch.randn(few.shape[0] + 1, 16)
+    for x in (few, many):
+        offs = _offsets([x.shape[0] - 3, 1, 1, 1])
+        with torch.no_grad():
+            torch.testing.assert_close(expert_mlp(x, w1, w2, offs), expert_mlp_reference(x, w1, w2, offs))
+        called.append("|")
+    assert called == ["C", "|", "|"]
+    xg = few.clone().requires_grad_()
+    expert_mlp(xg, w1, w2, _offsets([few.shape[0] - 3, 1, 1, 1])).sum().backward()  # differentiable: grouped GEMMs
+    assert called == ["C", "|", "|"] and xg.grad is not None
