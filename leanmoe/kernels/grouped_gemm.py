@@ -165,8 +165,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
 
 # ---------------------------------------------------------------------- the experts' whole MLP
 # NOTE: the C kernel beat the grouped GEMMs up to this many rows (token copies) per expert on
-# average (bench/kernels.py --only experts-cpu, 2-core AVX-512 CPU: see docs/benchmarks.md)
-CPU_EXPERTS_MAX_ROWS = 16
+# average (bench/kernels.py --only experts-cpu, 2-core AVX-512 CPU: 2.1-2.8x at 0.25-4 rows,
+# 1.30x at 8, 0.91-0.93x at 16; docs/benchmarks.md)
+CPU_EXPERTS_MAX_ROWS = 8
 
 
 def expert_mlp_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
