@@ -92,6 +92,19 @@ def test_serve_passes_the_key_from_the_environment_and_the_choice_cap(tmp_path, 
     assert "LEANMOE_API_KEY" in capsys.readouterr().out
 
 
+def test_serve_passes_the_compile_choice(tmp_path, monkeypatch, capsys):
+    from leanmoe import cli
+    from leanmoe.infer import server
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda checkpoint, **kw: seen.update(kw))
+    assert cli.main(["serve", str(tmp_path)]) == 0 and seen["compile"] == "auto"
+    assert cli.main(["serve", str(tmp_path), "--compile", "off"]) == 0 and seen["compile"] == "off"
+    with pytest.raises(SystemExit):
+        parser().parse_args(["serve", str(tmp_path), "--compile", "maybe"])
+    assert "invalid choice: 'maybe'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("missing", ["fastapi", "uvicorn"])
 def test_serve_without_the_serve_extra_says_what_to_install(tmp_path, missing):
     import subprocess
