@@ -168,7 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+def _engine_args(p: argparse.ArgumentParser, compile_default: str) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="a training run folder (its latest checkpoint) or an HF-layout folder with a tokenizer.json")
     g = p.add_argument_group("engine")
@@ -180,10 +180,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-blocks", type=int, help="cache blocks (default: enough for max-num-seqs full sequences)")
     g.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
     g.add_argument("--no-speculative", action="store_true", help="do not draft with the MTP module")
-    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="run decode steps through torch.compile (auto: on for fp32 on a CPU, where a batch-1 step "
-                   "took ~0.55x the eager one, unless LEANMOE_COMPILE=0; the first start compiles for ~30 s and "
-                   "later ones reuse inductor's cache; serve compiles before it accepts requests)")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default=compile_default,
+                   help="run decode steps through torch.compile (auto: on for fp32 on a CPU, where decode steps took "
+                   "0.7-0.9x the eager ones, unless LEANMOE_COMPILE=0). Compiling takes 15-30 s once per start "
+                   "(inductor caches its work on disk), so it pays for a server, not for one answer: "
+                   f"default {compile_default} here")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -199,7 +200,7 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 def register(subparsers) -> None:
     """Add `generate`, `chat` and `serve` to an argparse subparsers object."""
     gen = subparsers.add_parser("generate", help="complete a prompt, streaming to the terminal")
-    _engine_args(gen)
+    _engine_args(gen, compile_default="off")
     gen.add_argument("prompt")
     _sampling_args(gen, max_tokens=256)
     gen.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
@@ -207,7 +208,7 @@ def register(subparsers) -> None:
     gen.set_defaults(func=cmd_generate)
 
     chat = subparsers.add_parser("chat", help="chat interactively (uses the tokenizer's chat template)")
-    _engine_args(chat)
+    _engine_args(chat, compile_default="off")
     chat.add_argument("--system", help="a system message")
     _sampling_args(chat, max_tokens=512)
     chat.set_defaults(func=cmd_chat)
@@ -219,7 +220,7 @@ def register(subparsers) -> None:
         epilog=f"API key: --api-key KEY, or the environment variable {API_KEY_ENV} (the flag wins; the variable "
                "keeps the key out of the process list). With neither, /v1/* needs no key. An empty key, from "
                "either, is an error.")
-    _engine_args(srv)
+    _engine_args(srv, compile_default="auto")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", metavar="KEY",

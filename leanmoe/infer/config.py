@@ -33,9 +33,10 @@ class EngineConfig:
         there (else mps or cpu, + fp32); fp32 | bf16 | fp16 (or float32 | bfloat16 | float16).
     dtype / cache_dtype: weights and cache; cache_dtype None follows dtype.
     compile: run decode steps through `torch.compile` (inductor, dynamic shapes): "on", "off", or
-        "auto", which is "on" for fp32 on a CPU (a batch-1 step took ~0.55x the eager one there:
-        docs/benchmarks.md) unless LEANMOE_COMPILE=0, and "off" elsewhere (not measured). The first
-        decode step compiles (seconds to a minute; inductor caches it on disk for the next start).
+        "auto", which is "on" for fp32 on a CPU (decode steps took 0.68x the eager ones at batch 1
+        and 0.89x at batch 16 there: docs/benchmarks.md) unless LEANMOE_COMPILE=0, and "off"
+        elsewhere (not measured). The first decode step compiles (15-30 s on a 2-core CPU; inductor
+        caches its work on disk for the next start), or `ModelRunner.compile_decode(warmup=True)`.
         Under "auto" a failed compile falls back to eager and `ModelRunner.compile_status` says why.
     """
 

@@ -12,6 +12,11 @@ per device and dtype; it needs 16-byte-aligned strides); else, on a GPU in bf16/
 Triton grouped GEMM (leanmoe.kernels.fp8_gemm, no host sync); else a padded `bmm`, which needs
 one host sync to learn the largest group. `grouped_mm_reference` is the plain per-group
 loop the tests hold both to.
+
+`expert_mlp` is the routed experts' whole SwiGLU MLP (two grouped GEMMs around silu * up). At
+inference on CPUs with a few token copies per expert it runs a C kernel (leanmoe/kernels/cpu_moe.c,
+`expert_mlp_cpu`) that reads each used expert's weights once; `expert_mlp_reference` is the grouped
+GEMM path it is tested against, and what training runs.
 """
 
 from __future__ import annotations

@@ -46,8 +46,8 @@ import torch
 from leanmoe.kernels.dispatch import (cdiv, check_tile_config, next_power_of_2, tl, triton_jit, use_cpu_kernel,
                                       use_triton)
 
-__all__ = ["mla_decode", "mla_decode_op", "mla_decode_cpu", "mla_decode_plan", "mla_decode_reference", "mla_decode_torch",
-           "mla_decode_triton"]
+__all__ = ["mla_decode", "mla_decode_op", "mla_decode_cpu", "mla_decode_plan", "mla_decode_reference",
+           "mla_decode_torch", "mla_decode_triton"]
 
 
 def _check(q, kv_cache, block_table, cache_seqlens, head_dim_v):

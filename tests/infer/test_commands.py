@@ -103,6 +103,8 @@ def test_serve_passes_the_compile_choice(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(["serve", str(tmp_path), "--compile", "maybe"])
     assert "invalid choice: 'maybe'" in capsys.readouterr().err
+    assert parser().parse_args(["generate", str(tmp_path), "hi"]).compile == "off"  # one answer: not worth it
+    assert parser().parse_args(["chat", str(tmp_path)]).compile == "off"
 
 
 @pytest.mark.parametrize("missing", ["fastapi", "uvicorn"])
