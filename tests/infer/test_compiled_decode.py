@@ -42,7 +42,12 @@ def test_warmup_writes_nothing_a_request_reads(drafting_model):
     status = llm.runner.compile_decode(warmup=True)
     assert status.startswith("compiled (torch.compile; warm-up"), status
     assert llm.runner.backend.metadata is None
-    assert [o.token_ids for o in llm.generate(prompts, sp)] == [greedy_reference(drafting_model, p, 12) for p in prompts]
+    refs = [greedy_reference(drafting_model, p, 12) for p in prompts]
+    # after the warm-up only the guards that pick a graph are checked: both graphs must still be picked right
+    assert [o.token_ids for o in llm.generate(prompts, sp)] == refs
+    assert [o.token_ids for o in llm.generate(prompts[1:], sp)] == refs[1:]
+    three = random_prompts([2, 20, 7], seed=8)
+    assert [o.token_ids for o in llm.generate(three, sp)] == [greedy_reference(drafting_model, p, 12) for p in three]
 
 
 def test_auto_compiles_fp32_on_cpu_unless_turned_off(monkeypatch):
