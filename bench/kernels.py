@@ -209,6 +209,16 @@ def bench_mla(shapes, dev: str, cuda: bool) -> None:
           ["shape", "GB/s", "SDPA GB/s", "vs SDPA", "of peak"], rows)
 
 
+def alternate(fns: dict, rounds: int) -> dict[str, float]:
+    """CPU seconds per call of each function, timed in turn for `rounds` rounds: the median of the
+    rounds' medians (alternating, so a slow spell of the machine hits every function alike)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(timer(fn, False))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def bench_mla_cpu(shapes, rounds: int = 3) -> None:
     """The CPU decode attention: leanmoe's C kernel (the CPU default for fp32) against the batched
     torch path it replaced (its per-step plan made beforehand, as the engine's first layer does)
@@ -233,11 +243,7 @@ def bench_mla_cpu(shapes, rounds: int = 3) -> None:
         for name in ("C kernel", "torch"):
             out = fns[name]()[0]
             verify(f"{name} b={b} s_q={s_q} h_q={h_q}", ((out - ref).norm() / ref.norm()).item(), 1e-5)
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                times[name].append(timer(fn, False))
-        t = {k: statistics.median(v) for k, v in times.items()}
+        t = alternate(fns, rounds)
         rows.append([f"b={b} s_q={s_q} h_q={h_q} s_k={s_k} bs={bs}", f"{t['C kernel'] * 1e6:.0f}",
                      f"{t['torch'] * 1e6:.0f}", f"{t['SDPA'] * 1e6:.0f}", f"{t['torch'] / t['C kernel']:.2f}x",
                      f"{t['SDPA'] / t['C kernel']:.2f}x"])
@@ -264,11 +270,7 @@ def bench_experts_cpu(shapes, rounds: int = 3) -> None:
         with torch.no_grad():
             ref = fns["grouped"]()
             verify(f"experts E={e} M={m}", ((fns["C kernel"]() - ref).norm() / ref.norm()).item(), 1e-5)
-            times: dict[str, list[float]] = {k: [] for k in fns}
-            for _ in range(rounds):
-                for name, fn in fns.items():
-                    times[name].append(timer(fn, False))
-        t = {k: statistics.median(v) for k, v in times.items()}
+            t = alternate(fns, rounds)
         rows.append([f"E={e} D={d} F={f} M={m} ({m / e:g} rows/expert)", f"{t['C kernel'] * 1e6:.0f}",
                      f"{t['grouped'] * 1e6:.0f}", f"{t['grouped'] / t['C kernel']:.2f}x"])
     table("routed experts' SwiGLU MLP on the CPU (fp32), microseconds per call",

@@ -61,9 +61,9 @@ def main() -> int:
     for pr in prompts:
         llm.add_request(pr, params, stream=True)
     t0 = time.perf_counter()
-    for _ in range(4):  # prefill and a few warm decode steps (the first one compiles, with --compile on)
+    for _ in range(4):  # prefill and a few warm decode steps
         llm.step()
-    print(f"# decode step: {llm.runner.compile_status}; prefill + 3 warm-up steps {time.perf_counter() - t0:.1f} s")
+    print(f"# prefill + 3 warm-up steps {time.perf_counter() - t0:.1f} s")
     bucket: dict[str, list[float]] = defaultdict(list)
     timed(llm.scheduler, "schedule", bucket, "schedule (Python)")
     timed(llm.runner, "_decode_hidden", bucket, "model: layers")

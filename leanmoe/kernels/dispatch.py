@@ -14,7 +14,7 @@ Kernel modules take from here `triton_jit` (their decorator), `tl`, `cdiv` and `
 for tile sizes, and call `use_triton(t)` at their dispatch point. Without triton installed, `triton`
 and `tl` are None and `triton_jit` leaves the function bare (never launched).
 
-On CPUs, ops that have a C kernel (leanmoe.kernels.cpu_kernels: so far MLA decode) run it for fp32
+On CPUs, ops that have a C kernel (leanmoe.kernels.cpu_kernels: MLA decode, the experts' MLP) run it for fp32
 tensors when it is built, at the shapes where it measured faster; `use_cpu_kernel(*ts)` says
 whether it can run. Without a C compiler, or with LEANMOE_CPU_KERNELS=0, the torch path runs, and
 `cpu_kernels.status()` (printed by `leanmoe serve`) says why.
@@ -38,8 +38,8 @@ try:
 except ImportError:  # CPU-only installs: every op has its torch reference
     triton = tl = InterpretedFunction = None
 
-__all__ = ["use_triton", "use_cpu_kernel", "interpret_requested", "triton_jit", "cdiv", "next_power_of_2", "check_tile_config",
-           "triton", "tl"]
+__all__ = ["use_triton", "use_cpu_kernel", "interpret_requested", "triton_jit", "cdiv", "next_power_of_2",
+           "check_tile_config", "triton", "tl"]
 
 
 def interpret_requested() -> bool:

@@ -186,9 +186,9 @@ def expert_mlp_cpu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offs: to
     """`expert_mlp_reference` by the C kernel (leanmoe/kernels/cpu_moe.c): fp32 CPU tensors, no
     gradient. Each used expert's weights are read once for all its rows."""
     from leanmoe.kernels.cpu_kernels import library
+    from leanmoe.kernels.dispatch import use_cpu_kernel
 
-    lib = library()
-    if lib is None or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (x, w1, w2)):
+    if not use_cpu_kernel(x, w1, w2):
         raise RuntimeError("expert_mlp_cpu needs fp32 CPU tensors and the built C kernels "
                            "(leanmoe.kernels.cpu_kernels.status() says why they are not)")
     (m, d), (e, f2, d1), (e2, d2, f) = x.shape, w1.shape, w2.shape
@@ -199,6 +199,7 @@ def expert_mlp_cpu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offs: to
     offs = offs.to(torch.int32).contiguous()
     h = x.new_empty(m, 2 * f)
     y = x.new_empty(m, d)
+    lib = library()  # built: use_cpu_kernel said so
     rc = lib.leanmoe_expert_mlp_f32(x.data_ptr(), offs.data_ptr(), w1.data_ptr(), w2.data_ptr(), h.data_ptr(),
                                     y.data_ptr(), m, e, d, f, torch.get_num_threads())
     if rc != 0:
