@@ -6,6 +6,7 @@ conversion, masking), so on a CUDA machine run this once after changing a kernel
 
     python bench/gpu_check.py              # CUDA: compiled kernels, DeepSeek-V3 shapes
     python bench/gpu_check.py --device cpu # the same checks under the interpreter, small shapes
+    python bench/gpu_check.py --only cublas mla   # some groups only
 
 Each check prints one line (PASS/FAIL with the measured error and its bound); the exit status is
 1 if any check failed. Bounds are the test suite's: DeepGEMM's calc_diff < 1e-3 for FP8 GEMMs
@@ -203,8 +204,7 @@ def faces(dev, m, n, k):
           f"rel err {err:.2e} (< 1e-2)")
 
 
-@guarded
-def masked_fp8(dev, g, m, n, k):
+def _masked_case(dev, g, m, n, k, backend=None, bound=1e-5):
     a = torch.randn(g, m, k, device=dev, dtype=torch.bfloat16)
     w = torch.randn(g, n, k, device=dev, dtype=torch.bfloat16)
     qa = per_token_cast_to_fp8_reference(a.view(g * m, k))
@@ -212,9 +212,98 @@ def masked_fp8(dev, g, m, n, k):
     qw = per_block_cast_to_fp8_reference(w)
     masked_m = torch.randint(0, m + 1, (g,), device=dev, dtype=torch.int32)
     masked_m[0] = m
-    out = m_grouped_fp8_gemm_nt_masked(qa, qw, masked_m, m)
+    out = m_grouped_fp8_gemm_nt_masked(qa, qw, masked_m, m, backend=backend)
     ref = fp8_gemm._reference(fp8_gemm._M_MASKED, qa[0], qa[1], qw[0], qw[1], masked_m, g, torch.float32)
-    _close_to_reference(f"m_grouped_fp8_masked g={g} m={m} n={n} k={k} masked_m={masked_m.tolist()}", out, ref)
+    _close_to_reference(f"{'cuBLAS ' if backend == 'cublas' else ''}m_grouped_fp8_masked g={g} m={m} n={n} k={k} "
+                        f"masked_m={masked_m.tolist()}", out, ref, bound)
+
+
+@guarded
+def masked_fp8(dev, g, m, n, k):
+    _masked_case(dev, g, m, n, k)
+
+
+@guarded
+def cublas_fp8(dev, big: bool):
+    """The cuBLAS backend (sm_90: torch.nn.functional.scaled_mm with DeepSeek's 1x128 / 128x128
+    scales) against the same references as the Triton kernels."""
+    why = fp8_gemm.cublas_fp8_unsupported(torch.empty(1, 16, device=dev, dtype=torch.float8_e4m3fn),
+                                          torch.empty(16, 16, device=dev), torch.empty(1, 1, device=dev), 0)
+    if why:
+        print(f"NOTE  cuBLAS backend not checked: {why}")
+        return
+    if not _cublas_layouts_run(dev):
+        return
+    for m, n, k in ([(1, 2112, 7168), (64, 24576, 1536), (4096, 7168, 2048), (129, 256, 384)] if big
+                    else [(3, 128, 256)]):
+        a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        qa, qb, qb_rows = (per_token_cast_to_fp8_reference(a), per_block_cast_to_fp8_reference(b),
+                           per_token_cast_to_fp8_reference(b))
+        for what, qbb in (("128x128 b scales", qb), ("1x128 b scales", qb_rows)):
+            for out_dtype in (torch.bfloat16, torch.float32):
+                name = f"cuBLAS fp8_gemm_nt {what} {str(out_dtype)[6:]} out {m}x{n}x{k}"
+                try:
+                    out = fp8_gemm_nt(qa, qbb, out_dtype=out_dtype, backend="cublas")
+                except Exception as e:  # noqa: BLE001 - which recipe / dtype cuBLAS refuses is the finding
+                    check(name, False, f"raised {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    continue
+                _close_to_reference(name, out, fp8_gemm._reference(
+                    fp8_gemm._PLAIN, qa[0], qa[1], qbb[0], qbb[1], None, 1, torch.float32),
+                    1e-5 if out_dtype == torch.float32 else 2e-5)
+    g, n, k = (5, 4096, 7168) if big else (3, 128, 256)
+    counts = [0, 5, 300, 128, 77] if big else [0, 5, 130]
+    offs = torch.tensor(counts, device=dev).cumsum(0).to(torch.int32)
+    for padded in (True, False):
+        pos, m_indices, _ = contiguous_layout(offs, int(offs[-1]))
+        if not padded:
+            m_indices = torch.repeat_interleave(torch.arange(len(counts), device=dev, dtype=torch.int32),
+                                                torch.tensor(counts, device=dev))
+        x = torch.randn(m_indices.shape[0], k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(len(counts), n, k, device=dev, dtype=torch.bfloat16)
+        qx, qw = per_token_cast_to_fp8_reference(x), per_block_cast_to_fp8_reference(w)
+        out = m_grouped_fp8_gemm_nt_contiguous(qx, qw, m_indices, backend="cublas")
+        ref = fp8_gemm._reference(fp8_gemm._M_CONTIGUOUS, qx[0], qx[1], qw[0], qw[1], m_indices, 1, torch.float32)
+        _close_to_reference(f"cuBLAS m_grouped_contiguous {'padded' if padded else 'unpadded'} counts={counts}",
+                            out, ref, 2e-5)
+        check(f"cuBLAS m_grouped_contiguous padding rows zero ({'padded' if padded else 'unpadded'})",
+              bool((out[m_indices < 0] == 0).all()), "")
+    _masked_case(dev, *((8, 256) if big else (3, 32)), n, k, backend="cublas", bound=2e-5)
+
+
+def _cublas_layouts_run(dev) -> bool:
+    """Whether scaled_mm takes leanmoe's scale layouts; if not, which layouts it takes (printed,
+    to fix `cublas_scale_layouts` from)."""
+    f = torch.nn.functional
+    m, n, k = 256, 384, 512
+    a8 = torch.randn(m, k, device=dev).to(torch.float8_e4m3fn)
+    b8 = torch.randn(n, k, device=dev).to(torch.float8_e4m3fn)
+    sa = torch.rand(m, k // 128, device=dev) + 0.5
+    sb = torch.rand(n // 128, k // 128, device=dev) + 0.5
+    try:
+        scale_a, scale_b, _ = fp8_gemm.cublas_scale_layouts(sa, sb, n)
+        f.scaled_mm(a8, b8.t(), scale_a, f.ScalingType.BlockWise1x128, scale_b, f.ScalingType.BlockWise128x128,
+                    output_dtype=torch.bfloat16)
+        check("cuBLAS scale layouts accepted by scaled_mm", True, "")
+        return True
+    except Exception as e:  # noqa: BLE001
+        check("cuBLAS scale layouts accepted by scaled_mm", False, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+    a_variants = {"(1,M)": sa.t().contiguous().t(), "contiguous": sa}
+    b_variants = {"[Kb,Nb] contiguous": sb.t().contiguous(), "[Kb,Nb] strides (1,Kb)": sb.t(),
+                  "[Nb,Kb] contiguous": sb}
+    for an, sa_ in a_variants.items():
+        for bn, sb_ in b_variants.items():
+            for api in ("F.scaled_mm", "torch._scaled_mm"):
+                try:
+                    if api == "F.scaled_mm":
+                        f.scaled_mm(a8, b8.t(), sa_, f.ScalingType.BlockWise1x128, sb_,
+                                    f.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
+                    else:
+                        torch._scaled_mm(a8, b8.t(), sa_, sb_, out_dtype=torch.bfloat16)
+                    print(f"  layout OK: {api} scale_a {an}, scale_b {bn}")
+                except Exception as e:  # noqa: BLE001
+                    print(f"  layout refused: {api} scale_a {an}, scale_b {bn}: {str(e).splitlines()[0][:150]}")
+    return False
 
 
 @guarded
@@ -317,34 +406,55 @@ def engine(dev):
     check(f"engine greedy == full forward on {dev} (fp32)", same == len(prompts), f"{same}/{len(prompts)} identical")
 
 
+GROUPS = ["casts", "dense", "grouped", "unaligned", "masked", "faces", "cublas", "bf16", "mla", "training", "engine"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--only", nargs="+", metavar="GROUP", choices=GROUPS, help=f"check only these groups: {GROUPS}")
     args = ap.parse_args()
+
+    def want(group: str) -> bool:
+        return args.only is None or group in args.only
+
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device; use --device cpu for the interpreter")
     big = dev == "cuda"
     if big:
         print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    casts(dev, [(7, 300), (128, 7168), (4096, 2048)] if big else [(7, 300), (130, 256)])
-    dense_fp8(dev, [(m, n, k) for m in (1, 64, 4096) for n, k in ((2112, 7168), (24576, 1536), (7168, 2048))]
-              + [(129, 130, 257)] if big else [(3, 130, 257), (64, 256, 384)])
-    grouped_fp8(dev, [[0, 5, 300, 128, 77], [1000, 3000, 0, 4096]] if big else [[0, 5, 130]],
-                *((4096, 7168) if big else (256, 256)))
-    unaligned_grouped(dev, [0, 5, 300, 128, 77] if big else [5, 0, 140, 7], *((4096, 7168) if big else (96, 256)))
-    masked_fp8(dev, *((8, 256, 4096, 7168) if big else (3, 32, 256, 256)))
-    faces(dev, *((4096, 7168, 2048) if big else (40, 96, 256)))
-    grouped_bf16(dev, [0, 5, 300, 128, 77] if big else [0, 5, 40], *((1024, 2048) if big else (64, 96)))
+    if want("casts"):
+        casts(dev, [(7, 300), (128, 7168), (4096, 2048)] if big else [(7, 300), (130, 256)])
+    if want("dense"):
+        dense_fp8(dev, [(m, n, k) for m in (1, 64, 4096) for n, k in ((2112, 7168), (24576, 1536), (7168, 2048))]
+                  + [(129, 130, 257)] if big else [(3, 130, 257), (64, 256, 384)])
+    if want("grouped"):
+        grouped_fp8(dev, [[0, 5, 300, 128, 77], [1000, 3000, 0, 4096]] if big else [[0, 5, 130]],
+                    *((4096, 7168) if big else (256, 256)))
+    if want("unaligned"):
+        unaligned_grouped(dev, [0, 5, 300, 128, 77] if big else [5, 0, 140, 7], *((4096, 7168) if big else (96, 256)))
+    if want("masked"):
+        masked_fp8(dev, *((8, 256, 4096, 7168) if big else (3, 32, 256, 256)))
+    if want("faces"):
+        faces(dev, *((4096, 7168, 2048) if big else (40, 96, 256)))
+    if big and want("cublas"):
+        cublas_fp8(dev, big)
+    if want("bf16"):
+        grouped_bf16(dev, [0, 5, 300, 128, 77] if big else [0, 5, 40], *((1024, 2048) if big else (64, 96)))
     bf = torch.bfloat16 if big else torch.float32
-    mla(dev, [(b, s_q, h_q, 576, 512, bs, n, causal, bf) for b, h_q, bs, n in
-              ((4, 128, 64, 1000), (33, 16, 64, 4096), (3, 16, 16, 300)) for s_q in (1, 2) for causal in (False, True)]
-        + [(2, 2, 8, 96, 64, 32, 200, True, torch.float32)] if big
-        else [(2, s_q, 4, 48, 32, 16, 50, causal, bf) for s_q in (1, 2) for causal in (False, True)])
+    if want("mla"):
+        mla(dev, [(b, s_q, h_q, 576, 512, bs, n, causal, bf) for b, h_q, bs, n in
+                  ((4, 128, 64, 1000), (33, 16, 64, 4096), (3, 16, 16, 300)) for s_q in (1, 2)
+                  for causal in (False, True)]
+            + [(2, 2, 8, 96, 64, 32, 200, True, torch.float32)] if big
+            else [(2, s_q, 4, 48, 32, 16, 50, causal, bf) for s_q in (1, 2) for causal in (False, True)])
     if not big:  # the model-level checks under the interpreter would take many minutes: torch references
         os.environ.pop("LEANMOE_TRITON_INTERPRET")
-    fp8_training(dev, 40 if big else 16)
-    engine(dev)
+    if want("training"):
+        fp8_training(dev, 40 if big else 16)
+    if want("engine"):
+        engine(dev)
     failed = [r for r in RESULTS if not r[1]]
     print(f"\n{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed on {dev}")
     sys.exit(1 if failed else 0)

@@ -31,7 +31,9 @@ contiguous` run leanmoe's `grouped_mm` contract (unpadded offsets) on the bf16 k
 
 Every launcher takes `tile_config=(block_m, block_n, num_warps, num_stages)` to try another tile
 shape (bench/kernels.py --sweep times the alternatives); None, the default, is the measured choice
-(see `_tile_config`).
+(see `_tile_config`). On Hopper the fp8 plain and m-grouped GEMMs also run on cuBLAS's own blockwise
+GEMM (`backend=` / LEANMOE_FP8_GEMM: "auto" takes it where it measured faster, from 4096 rows; see
+the cuBLAS section below).
 
 Layouts that DeepGEMM requires aligned are correct here at any alignment, on both paths (the
 reference and the kernel answer the same, so the CPU tests see what a GPU computes): an
@@ -45,6 +47,7 @@ padding; K ranges are clamped to [0, K] (an empty or reversed range gives zeros)
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -250,6 +253,133 @@ def _reference(mode: int, a, sa, b, sb, grp, n_groups: int, out_dtype: torch.dty
         if n_groups else a32.new_zeros(0, a.shape[0], n, dtype=out_dtype)
 
 
+# ---------------------------------------------------------------------- cuBLAS (Hopper)
+# cuBLAS has DeepSeek's recipe itself on sm_90 (cuBLASLt >= 12.9: 1x128 activation tiles with
+# 128x128 or 1x128 weight scales, fp32 accumulation), reached through torch's
+# `torch.nn.functional.scaled_mm` (torch >= 2.10). The m-grouped layouts run it once per group.
+# `backend` (or LEANMOE_FP8_GEMM) picks for the fp8 plain and m-grouped GEMMs: "triton", "cublas"
+# (an error where it cannot run), or "auto" (the default): the one measured faster on this device
+# (see `_auto_cublas`). The k-grouped GEMM and the bf16 kernels are Triton only.
+FP8_GEMM_BACKENDS = ("auto", "triton", "cublas")
+
+
+def cublas_fp8_unsupported(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor | None, mode: int) -> str | None:
+    """None where the cuBLAS blockwise FP8 GEMM can run this call; otherwise why not."""
+    if sa is None:
+        return "the cuBLAS backend is for fp8 operands (bf16 calls run the Triton kernel)"
+    if mode not in (_PLAIN, _M_CONTIGUOUS, _M_MASKED):
+        return "the k-grouped (weight-gradient) GEMM has no cuBLAS form here"
+    if a.device.type != "cuda" or torch.version.hip is not None:
+        return f"cuBLAS blockwise FP8 needs an NVIDIA GPU (tensor on {a.device})"
+    if torch.cuda.get_device_capability(a.device) != (9, 0):
+        return f"cuBLAS blockwise FP8 runs on sm_90 (Hopper) only; this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability(a.device)))}"
+    if not hasattr(torch.nn.functional, "scaled_mm"):
+        return f"torch {torch.__version__} has no torch.nn.functional.scaled_mm (torch >= 2.10)"
+    k, n = a.shape[-1], b.shape[-2]
+    if k % 16 or n % 16:
+        return f"cuBLAS FP8 needs K and N multiples of 16 (K={k}, N={n})"
+    return None
+
+
+# "auto" takes cuBLAS from this many rows (per group for the m-grouped contiguous layout). Measured
+# on an H200 (bench/kernels.py --only crossover, docs/benchmarks.md): at M = 4096 cuBLAS ran 1.19-1.58x
+# bf16 at every DeepGEMM shape (Triton 0.59-0.88x), and 0.93-1.40x bf16 on 4-8 groups of 4096-8192
+# rows (Triton 0.71-0.89x); from 16 to 2048 rows it mostly ran slower than Triton (M = 2048 with
+# K = 7168 aside), and on 64 groups of 512-3072 rows 0.01-0.04x bf16 (a call per group). The masked
+# layout stays on Triton (one cuBLAS call per group: 0.06-0.25x bf16).
+CUBLAS_AUTO_MIN_ROWS = 4096
+
+
+def _auto_cublas(mode: int, m: int, n_groups: int) -> bool:
+    """Whether "auto" takes cuBLAS for a call it can run: the measured choice above."""
+    if mode == _PLAIN:
+        return m >= CUBLAS_AUTO_MIN_ROWS
+    if mode == _M_CONTIGUOUS:
+        return m >= CUBLAS_AUTO_MIN_ROWS * n_groups
+    return False
+
+
+def _backend_choice(backend: str | None) -> str:
+    choice = backend or os.environ.get("LEANMOE_FP8_GEMM", "auto")
+    if choice not in FP8_GEMM_BACKENDS:
+        raise ValueError(f"fp8 GEMM backend must be one of {FP8_GEMM_BACKENDS}, got {choice!r} "
+                         f"(argument backend= or LEANMOE_FP8_GEMM)")
+    return choice
+
+
+def _pick_backend(choice: str, mode: int, a, b, sa, out_dtype: torch.dtype) -> str:
+    if choice == "triton" or sa is None or mode == _K_GROUPED:  # bf16 and k-grouped calls: Triton only
+        return "triton"
+    why = cublas_fp8_unsupported(a, b, sa, mode)
+    if choice == "cublas":
+        if why:
+            raise ValueError(f"fp8 GEMM backend 'cublas': {why}")
+        return "cublas"
+    return "cublas" if why is None and _auto_cublas(mode, a.shape[-2], b.shape[0]) else "triton"
+
+
+def cublas_scale_layouts(sa: torch.Tensor, sb: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """leanmoe's scales -> the layouts cuBLAS reads (torch's checks in ScaledBlas.cpp):
+    a's 1x128 tiles [M, Kb] with strides (1, M); b's 128x128 blocks [Nb, Kb] as [Kb4, Nb] with
+    strides (1, Kb4), Kb4 = Kb rounded up to 4 (zero padded), or b's 1x128 tiles [N, Kb] with
+    strides (1, N). -> (scale_a, scale_b, b_is_blocks). Values are unchanged: only the layout."""
+    def strided(t: torch.Tensor, strides: tuple[int, int]) -> torch.Tensor:
+        # empty_strided keeps the strides even for a size-1 dimension, where .contiguous() would not
+        return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+
+    m, kb = sa.shape
+    scale_a = strided(sa, (1, m))
+    if sb.shape[0] == n and n > 1:  # 1x128 tiles (the weight-gradient operands), as in _launch
+        return scale_a, strided(sb, (1, n)), False
+    kb4 = cdiv(kb, 4) * 4
+    padded = sb.new_zeros(kb4, sb.shape[0])
+    padded[:kb] = sb.t()
+    return scale_a, strided(padded, (1, kb4)), True
+
+
+# cuBLAS refused (CUBLAS_STATUS_NOT_SUPPORTED) M = 1 and M = 129 on an H200 and ran M = 64, 128,
+# 4096: a's rows are padded with zeros to a multiple of this
+CUBLAS_M_ALIGN = 16
+
+
+def _cublas_mm(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: torch.Tensor,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """One plain GEMM a8 [M, K] @ b8 [N, K]^T on cuBLAS with DeepSeek's scales."""
+    f = torch.nn.functional
+    m = a8.shape[0]
+    if m % CUBLAS_M_ALIGN:
+        rows = cdiv(m, CUBLAS_M_ALIGN) * CUBLAS_M_ALIGN
+        a8 = torch.cat([a8, a8.new_zeros(rows - m, a8.shape[1])])
+        sa = torch.cat([sa, sa.new_zeros(rows - m, sa.shape[1])])
+    scale_a, scale_b, blocks = cublas_scale_layouts(sa, sb, b8.shape[0])
+    out = f.scaled_mm(a8, b8.t(), scale_a, f.ScalingType.BlockWise1x128, scale_b,
+                      f.ScalingType.BlockWise128x128 if blocks else f.ScalingType.BlockWise1x128,
+                      output_dtype=out_dtype)
+    return out[:m] if out.shape[0] != m else out
+
+
+def _cublas_call(mode: int, a, sa, b, sb, grp, out_dtype: torch.dtype) -> torch.Tensor:
+    if mode == _PLAIN:
+        return _cublas_mm(a, sa, b, sb, out_dtype)
+    if mode == _M_MASKED:  # every group's M rows (no host sync), then rows past masked_m zeroed
+        out = torch.empty(_out_shape(mode, a, b, b.shape[0]), device=a.device, dtype=out_dtype)
+        for g in range(a.shape[0]):
+            out[g] = _cublas_mm(a[g], sa[g], b[g], sb[g], out_dtype)
+        rows = torch.arange(a.shape[1], device=a.device)
+        return out.masked_fill_((rows[None, :] >= grp[:, None])[..., None], 0)
+    # contiguous: one GEMM per run of equal group ids, read on the host (one sync per call)
+    out = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=out_dtype)
+    ids = grp.cpu()
+    cuts = ((ids[1:] != ids[:-1]).nonzero().flatten() + 1).tolist()
+    for lo, hi in zip([0] + cuts, cuts + [ids.shape[0]]):
+        g = int(ids[lo])
+        if 0 <= g < b.shape[0]:
+            out[lo:hi] = _cublas_mm(a[lo:hi], sa[lo:hi], b[g], sb[g], out_dtype)
+        else:  # padding rows are written as zeros, as the kernel does
+            out[lo:hi] = 0
+    return out
+
+
 # ---------------------------------------------------------------------- the one op
 def _out_shape(mode: int, a: torch.Tensor, b: torch.Tensor, n_groups: int) -> tuple[int, ...]:
     n = b.shape[-2]
@@ -263,10 +393,15 @@ def _out_shape(mode: int, a: torch.Tensor, b: torch.Tensor, n_groups: int) -> tu
 @torch.library.custom_op("leanmoe::gemm_nt", mutates_args=())
 def _gemm_nt_op(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor | None, sb: torch.Tensor | None,
                 grp: torch.Tensor | None, mode: int, n_groups: int, out_dtype: torch.dtype,
-                tile_config: list[int] | None = None) -> torch.Tensor:
+                tile_config: list[int] | None = None, backend: str | None = None) -> torch.Tensor:
+    choice = _backend_choice(backend)
     if not use_triton(a):
+        if choice == "cublas" and sa is not None and mode != _K_GROUPED:  # as _pick_backend
+            raise ValueError(f"fp8 GEMM backend 'cublas': {cublas_fp8_unsupported(a, b, sa, mode)}")
         with torch.autocast(a.device.type, enabled=False):  # the emulation matmuls in fp32, always
             return _reference(mode, a, sa, b, sb, grp, n_groups, out_dtype)
+    if _pick_backend(choice, mode, a, b, sa, out_dtype) == "cublas":
+        return _cublas_call(mode, a, sa, b, sb, grp, out_dtype)
     out = torch.empty(_out_shape(mode, a, b, n_groups), device=a.device, dtype=out_dtype)
     m, k = a.shape[-2], a.shape[-1]
     if out.numel():
@@ -275,7 +410,7 @@ def _gemm_nt_op(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor | None, sb: t
 
 
 @_gemm_nt_op.register_fake
-def _(a, b, sa, sb, grp, mode, n_groups, out_dtype, tile_config=None):
+def _(a, b, sa, sb, grp, mode, n_groups, out_dtype, tile_config=None, backend=None):
     return a.new_empty(_out_shape(mode, a, b, n_groups), dtype=out_dtype)
 
 
@@ -304,45 +439,49 @@ def _check(name: str, a, sa, b, sb, a_dims: int, b_dims: int, sb_rows_ok: tuple[
 
 
 def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
-                out_dtype: torch.dtype = torch.bfloat16, *, tile_config: TileConfig | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.bfloat16, *, tile_config: TileConfig | None = None,
+                backend: str | None = None) -> torch.Tensor:
     """d [M, N] = a @ b^T from fp8 operands: a = (a [M, K] e4m3, sa [M, Kb]); b = (b [N, K] e4m3,
-    sb [Nb, Kb] per 128x128 block, or [N, Kb] per 1x128 tile as for weight gradients)."""
+    sb [Nb, Kb] per 128x128 block, or [N, Kb] per 1x128 tile as for weight gradients).
+    backend: "triton", "cublas" (sm_90) or "auto" (None: LEANMOE_FP8_GEMM, default auto)."""
     (a8, sa), (b8, sb) = a, b
     n = b8.shape[0]
     _check("fp8_gemm_nt", a8, sa, b8, sb, 2, 2, (cdiv(n, TILE), n))
     return _gemm_nt_op(a8, b8, sa, sb, None, _PLAIN, 1, out_dtype,
-                       check_tile_config("fp8_gemm_nt", tile_config))
+                       check_tile_config("fp8_gemm_nt", tile_config), backend)
 
 
 def m_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
                                      m_indices: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, *,
-                                     tile_config: TileConfig | None = None) -> torch.Tensor:
+                                     tile_config: TileConfig | None = None, backend: str | None = None) -> torch.Tensor:
     """d [M, N]: d[m] = a[m] @ b[m_indices[m]]^T. a = (a [M, K], sa [M, Kb]), b = (b [G, N, K],
     sb [G, Nb, Kb]); m_indices [M] int32, -1 for padding rows (their output is 0). Any layout is
     correct; contiguous groups starting at multiples of 128 rows are the fast one (see
-    `contiguous_layout`)."""
+    `contiguous_layout`). backend as fp8_gemm_nt's (cuBLAS: one GEMM per run of equal ids, which
+    reads m_indices on the host)."""
     (a8, sa), (b8, sb) = a, b
     _check("m_grouped_fp8_gemm_nt_contiguous", a8, sa, b8, sb, 2, 3, (cdiv(b8.shape[1], TILE),))
     _check_indices("m_grouped_fp8_gemm_nt_contiguous", m_indices, a8.shape[0])
     return _gemm_nt_op(a8, b8, sa, sb, m_indices.to(torch.int32), _M_CONTIGUOUS, 1, out_dtype,
-                       check_tile_config("m_grouped_fp8_gemm_nt_contiguous", tile_config))
+                       check_tile_config("m_grouped_fp8_gemm_nt_contiguous", tile_config), backend)
 
 
 def m_grouped_fp8_gemm_nt_masked(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
                                  masked_m: torch.Tensor, expected_m: int | None = None,
                                  out_dtype: torch.dtype = torch.bfloat16, *,
-                                 tile_config: TileConfig | None = None) -> torch.Tensor:
+                                 tile_config: TileConfig | None = None, backend: str | None = None) -> torch.Tensor:
     """d [G, M, N]: d[g, :masked_m[g]] = a[g, :masked_m[g]] @ b[g]^T, later rows 0. a = (a [G, M, K],
     sa [G, M, Kb]), b = (b [G, N, K], sb [G, Nb, Kb]); masked_m [G] int32 stays on the device (no
     host sync), so the call can be captured in a CUDA graph. expected_m is accepted for
-    DeepGEMM compatibility (a tile-size hint there; unused here)."""
+    DeepGEMM compatibility (a tile-size hint there; unused here). backend as fp8_gemm_nt's (cuBLAS:
+    one GEMM per group over all M rows, no host sync either)."""
     (a8, sa), (b8, sb) = a, b
     _check("m_grouped_fp8_gemm_nt_masked", a8, sa, b8, sb, 3, 3, (cdiv(b8.shape[1], TILE),))
     if a8.shape[0] != b8.shape[0]:
         raise ValueError(f"m_grouped_fp8_gemm_nt_masked: a {tuple(a8.shape)} and b {tuple(b8.shape)} must agree on G")
     _check_groups("m_grouped_fp8_gemm_nt_masked", "masked_m", masked_m, b8.shape[0])
     return _gemm_nt_op(a8, b8, sa, sb, masked_m.to(torch.int32), _M_MASKED, b8.shape[0], out_dtype,
-                       check_tile_config("m_grouped_fp8_gemm_nt_masked", tile_config))
+                       check_tile_config("m_grouped_fp8_gemm_nt_masked", tile_config), backend)
 
 
 def k_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],

@@ -282,11 +282,14 @@ def _mla_combine_kernel(o_part_ptr, lse_part_ptr, out_ptr, lse_ptr,
 
 def _num_splits(q: torch.Tensor, work_tiles: int, max_len: int, block_n: int) -> int:
     """Enough (batch, head tile, split) programs to fill the GPU twice over, each split keeping at
-    least a few BLOCK_N steps. max_len is the static bound max_blocks * block_size (no sync)."""
+    least a few BLOCK_N steps, rounded down to a power of two. max_len is the static bound
+    max_blocks * block_size (no sync). On an H200 (docs/benchmarks.md) 4 splits ran 1.15x 5 at 64
+    sequences of 16 heads x 2 tokens, and 2 as fast as 3 at 128 sequences."""
     units = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     by_occupancy = cdiv(2 * units, max(work_tiles, 1))
     by_length = max(1, max_len // (4 * block_n))
-    return max(1, min(by_occupancy, by_length, 64))
+    n = max(1, min(by_occupancy, by_length, 64))
+    return 1 << (n.bit_length() - 1)
 
 
 def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -314,13 +317,13 @@ def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torc
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     on_gpu = q.is_cuda
     # Measured on an H200 (bench/kernels.py --sweep, docs/benchmarks.md): with many query rows
-    # (128 heads) 64 rows x 32 keys per step, so each K tile is read by half as many programs
-    # (619 vs 319 GB/s for 32 x 32); with few rows (16 heads) 64 keys per step (2230 vs 1520
-    # GB/s). 8 warps, 2 stages. The interpreter prefers wide tiles.
+    # (128 heads) 64 rows x 64 keys per step (829 GB/s; 619 for 64 x 32, 319 for 32 x 32); with
+    # few rows (16 heads) 128 keys per step (2674 GB/s; 2246 for 64 keys). 8 warps, 2 stages.
+    # The interpreter prefers wide tiles.
     if tile_config is not None:
         max_h, block_n, num_warps, num_stages = tile_config
     elif on_gpu:
-        max_h, block_n, num_warps, num_stages = (64, 32, 8, 2) if rows >= 64 else (32, 64, 8, 2)
+        max_h, block_n, num_warps, num_stages = (64, 64, 8, 2) if rows >= 64 else (32, 128, 8, 2)
     else:
         max_h, block_n, num_warps, num_stages = 64, 64, 8, 2
     block_h = max(16, min(max_h, next_power_of_2(rows)))
