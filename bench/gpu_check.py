@@ -99,8 +99,9 @@ def dense_fp8(dev, shapes):
         out = fp8_gemm_nt(qa, qb)
         d = calc_diff(out, a.float() @ b.float().T)
         check(f"fp8_gemm_nt {m}x{n}x{k} vs bf16 product", d < 1e-3, f"calc_diff {d:.2e} (< 1e-3)")
-        _close_to_reference(f"fp8_gemm_nt {m}x{n}x{k}", out, fp8_gemm._reference(
-            fp8_gemm._PLAIN, qa[0], qa[1], qb[0], qb[1], None, 1, torch.float32))
+        ref = fp8_gemm._reference(fp8_gemm._PLAIN, qa[0], qa[1], qb[0], qb[1], None, 1, torch.float32)
+        _close_to_reference(f"fp8_gemm_nt {m}x{n}x{k}", out, ref)
+        _close_to_reference(f"fp8_gemm_nt split_k=4 {m}x{n}x{k}", fp8_gemm_nt(qa, qb, split_k=4), ref)
         # per-row (1x128) b scales and fp32 output: the weight-gradient form
         qb_rows = per_token_cast_to_fp8_reference(b)
         out = fp8_gemm_nt(qa, qb_rows, out_dtype=torch.float32)

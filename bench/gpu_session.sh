@@ -9,8 +9,9 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-# the default steps took ~5.5 minutes on an H200 (2026-11-29); train / train_fp8 / compare / decode on request
-STEPS=${STEPS:-"check kernels_mla crossover profile profile_compiled"}
+# the default steps: ~6-7 minutes on an H200 (2026-11-29, with kernels_mla for kernels: 5.5); train / train_fp8 /
+# compare / decode on request
+STEPS=${STEPS:-"check kernels crossover profile profile_compiled"}
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__,
 'F.scaled_mm', hasattr(torch.nn.functional, 'scaled_mm'))"; } > "$OUT/env.log" 2>&1
@@ -26,7 +27,7 @@ step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, remember the ex
 for s in $STEPS; do
     case $s in
         check) step check 120 $PY bench/gpu_check.py ;;
-        kernels) step kernels 130 $PY bench/kernels.py --sweep ;;
+        kernels) step kernels 180 $PY bench/kernels.py --sweep ;;
         # bf16 then FP8, same seed, data and (constant) schedule: their losses compare step by step
         train) step train 190 $PY -m leanmoe train --preset small --time-budget 90s --schedule constant \
                    --warmup-steps 20 --eval-interval 50 --out /tmp/leanmoe_small --quiet

@@ -318,6 +318,10 @@ def bench_experts_cpu(shapes, rounds: int = 3) -> None:
 GEMM_CONFIGS = [(128, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3), (32, 64, 4, 4), (64, 64, 4, 6),
                 (128, 128, 8, 4)]
 GEMM_SWEEP = [(64, 2112, 7168), (128, 7168, 2048), (128, 24576, 1536), (4096, 7168, 16384)]
+# split-K of the Triton kernel at decode-sized M (default tiles), against bf16 cuBLAS
+GEMM_SPLITS = [1, 2, 4, 8, 16]
+GEMM_SPLIT_SWEEP = [(64, 2112, 7168), (64, 7168, 2048), (64, 4096, 7168), (128, 7168, 2048), (128, 2112, 7168),
+                    (128, 7168, 16384)]
 MLA_CONFIGS = [(64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 8, 2), (64, 128, 8, 2), (64, 64, 16, 2), (64, 32, 16, 2),
                (64, 64, 8, 3), (32, 128, 8, 3), (32, 256, 8, 2), (32, 128, 4, 2), (32, 64, 8, 2)]
 MLA_SWEEP = [(128, 1, 128, 4096), (64, 2, 128, 4096), (128, 1, 16, 8192), (64, 2, 16, 8192)]
@@ -357,6 +361,23 @@ def sweep_gemm(dev: str) -> None:
         rows.append(row)
     table("sweep: fp8_gemm_nt TFLOPS per (block_m, block_n, warps, stages)",
           ["config"] + [f"{m}x{n}x{k}" for m, n, k in GEMM_SWEEP], rows)
+    rows = []
+    for m, n, k in GEMM_SPLIT_SWEEP:
+        a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        qa, qb = per_token_cast_to_fp8(a), per_block_cast_to_fp8(b)
+        t_bf16 = timer(lambda: a @ b.T, True)
+        row = [f"{m}x{n}x{k}", f"{2 * m * n * k / t_bf16 / 1e12:.0f}"]
+        for split in GEMM_SPLITS:
+            try:
+                verify("split-K", calc_diff(fp8_gemm_nt(qa, qb, split_k=split), a.float() @ b.float().T), 1e-3)
+                t = timer(lambda: fp8_gemm_nt(qa, qb, split_k=split), True)
+                row.append(f"{2 * m * n * k / t / 1e12:.0f} ({t_bf16 / t:.2f}x)")
+            except (Exception, SystemExit) as e:  # noqa: BLE001
+                row.append("WRONG" if isinstance(e, SystemExit) else f"error: {type(e).__name__}")
+        rows.append(row)
+    table("sweep: Triton fp8_gemm_nt TFLOPS (vs bf16) per split_k", ["MxNxK", "bf16"] + [str(s) for s in GEMM_SPLITS],
+          rows)
 
 
 def sweep_mla(dev: str) -> None:

@@ -121,6 +121,7 @@ def _gemm_nt_kernel(
     SB_ROWS: tl.constexpr,       # rows of b sharing one scale: 128 (blocks) or 1 (1x128 tiles)
     UPCAST: tl.constexpr,        # 0: tl.dot on the loaded dtype; 1: bf16; 2: fp32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,   # plain mode: program_id(1) takes one of SPLIT_K ranges of K steps
 ):
     # tile order: GROUP_M row tiles share each column sweep, so b stays in L2 (standard swizzle)
     pid = tl.program_id(0)
@@ -152,6 +153,10 @@ def _gemm_nt_kernel(
         acc = tl.where((idx >= 0)[:, None], acc, 0.0)  # skipped rows are written as zeros
     else:
         k_lo, k_hi = 0, K
+        if SPLIT_K > 1:  # plain mode, split-K: this program's share of the K steps; d is [SPLIT_K, M, N] fp32
+            per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+            k_lo = g * per
+            k_hi = tl.minimum(k_lo + per, K)
         if MODE == 2:
             m_valid = tl.load(grp_ptr + g)
             row_ok = rows < m_valid
@@ -203,7 +208,7 @@ def _tile_config(mode: int, m: int, on_gpu: bool, tile_config=None) -> TileConfi
 
 
 def _launch(mode: int, a, sa, b, sb, grp, out: torch.Tensor, m: int, n: int, k: int, n_groups: int,
-            tile_config=None) -> None:
+            tile_config=None, split_k: int = 1) -> None:
     """Strides are read as 3-D ([group, row, col]); a 2-D operand gets group stride 0."""
     def s3(t):
         if t is None:
@@ -214,12 +219,12 @@ def _launch(mode: int, a, sa, b, sb, grp, out: torch.Tensor, m: int, n: int, k: 
     sb_rows = 1 if scaled and sb.shape[-2] == n and n > 1 else TILE
     block_m, block_n, num_warps, num_stages = _tile_config(mode, m, a.device.type == "cuda", tile_config)
     block_k = TILE if scaled else 64  # one scale per 128-wide step; bf16 tiles are twice the bytes
-    grid = (cdiv(m, block_m) * cdiv(n, block_n), n_groups if mode in (_M_MASKED, _K_GROUPED) else 1)
+    grid = (cdiv(m, block_m) * cdiv(n, block_n), n_groups if mode in (_M_MASKED, _K_GROUPED) else split_k)
     _gemm_nt_kernel[grid](
         a, b, out, sa if scaled else a, sb if scaled else b, grp if grp is not None else a,
         m, n, k, b.shape[0] if mode == _M_CONTIGUOUS else n_groups, *s3(a), *s3(b), *s3(out), *s3(sa), *s3(sb),
         MODE=mode, SCALED=scaled, SB_ROWS=sb_rows, UPCAST=_upcast_mode(a.device.type, a.device.index, a.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, SPLIT_K=split_k, num_warps=num_warps,
         num_stages=num_stages)
 
 
@@ -332,9 +337,11 @@ def cublas_scale_layouts(sa: torch.Tensor, sb: torch.Tensor, n: int) -> tuple[to
     if sb.shape[0] == n and n > 1:  # 1x128 tiles (the weight-gradient operands), as in _launch
         return scale_a, strided(sb, (1, n)), False
     kb4 = cdiv(kb, 4) * 4
-    padded = sb.new_zeros(kb4, sb.shape[0])
+    if kb4 == kb:  # V3's K (512-16384) are multiples of 512: one copy
+        return scale_a, strided(sb.t(), (1, kb)), True
+    padded = torch.zeros((kb4, sb.shape[0]), dtype=sb.dtype, device=sb.device).as_strided((kb4, sb.shape[0]), (1, kb4))
     padded[:kb] = sb.t()
-    return scale_a, strided(padded, (1, kb4)), True
+    return scale_a, padded, True
 
 
 # cuBLAS refused (CUBLAS_STATUS_NOT_SUPPORTED) M = 1 and M = 129 on an H200 and ran M = 64, 128,
@@ -393,8 +400,12 @@ def _out_shape(mode: int, a: torch.Tensor, b: torch.Tensor, n_groups: int) -> tu
 @torch.library.custom_op("leanmoe::gemm_nt", mutates_args=())
 def _gemm_nt_op(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor | None, sb: torch.Tensor | None,
                 grp: torch.Tensor | None, mode: int, n_groups: int, out_dtype: torch.dtype,
-                tile_config: list[int] | None = None, backend: str | None = None) -> torch.Tensor:
+                tile_config: list[int] | None = None, backend: str | None = None, split_k: int = 1) -> torch.Tensor:
     choice = _backend_choice(backend)
+    if split_k > 1:  # a Triton kernel option
+        if choice == "cublas":
+            raise ValueError("fp8 GEMM: split_k is an option of the Triton kernel; backend 'cublas' takes none")
+        choice = "triton"
     if not use_triton(a):
         if choice == "cublas" and sa is not None and mode != _K_GROUPED:  # as _pick_backend
             raise ValueError(f"fp8 GEMM backend 'cublas': {cublas_fp8_unsupported(a, b, sa, mode)}")
@@ -402,15 +413,20 @@ def _gemm_nt_op(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor | None, sb: t
             return _reference(mode, a, sa, b, sb, grp, n_groups, out_dtype)
     if _pick_backend(choice, mode, a, b, sa, out_dtype) == "cublas":
         return _cublas_call(mode, a, sa, b, sb, grp, out_dtype)
-    out = torch.empty(_out_shape(mode, a, b, n_groups), device=a.device, dtype=out_dtype)
     m, k = a.shape[-2], a.shape[-1]
+    if split_k > 1 and mode == _PLAIN:  # fp32 partial products of each K range, summed after
+        part = torch.empty(split_k, m, b.shape[-2], device=a.device, dtype=torch.float32)
+        if part.numel():
+            _launch(mode, a, sa, b, sb, grp, part, m, b.shape[-2], k, n_groups, tile_config, split_k)
+        return part.sum(0).to(out_dtype)
+    out = torch.empty(_out_shape(mode, a, b, n_groups), device=a.device, dtype=out_dtype)
     if out.numel():
         _launch(mode, a, sa, b, sb, grp, out, m, b.shape[-2], k, n_groups, tile_config)
     return out
 
 
 @_gemm_nt_op.register_fake
-def _(a, b, sa, sb, grp, mode, n_groups, out_dtype, tile_config=None, backend=None):
+def _(a, b, sa, sb, grp, mode, n_groups, out_dtype, tile_config=None, backend=None, split_k=1):
     return a.new_empty(_out_shape(mode, a, b, n_groups), dtype=out_dtype)
 
 
@@ -440,15 +456,19 @@ def _check(name: str, a, sa, b, sb, a_dims: int, b_dims: int, sb_rows_ok: tuple[
 
 def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
                 out_dtype: torch.dtype = torch.bfloat16, *, tile_config: TileConfig | None = None,
-                backend: str | None = None) -> torch.Tensor:
+                backend: str | None = None, split_k: int = 1) -> torch.Tensor:
     """d [M, N] = a @ b^T from fp8 operands: a = (a [M, K] e4m3, sa [M, Kb]); b = (b [N, K] e4m3,
     sb [Nb, Kb] per 128x128 block, or [N, Kb] per 1x128 tile as for weight gradients).
-    backend: "triton", "cublas" (sm_90) or "auto" (None: LEANMOE_FP8_GEMM, default auto)."""
+    backend: "triton", "cublas" (sm_90) or "auto" (None: LEANMOE_FP8_GEMM, default auto).
+    split_k > 1 (Triton): split_k programs per output tile, each over a range of K's 128-wide steps,
+    their fp32 partials summed after: more programs for small M (not a default: untimed on a GPU)."""
     (a8, sa), (b8, sb) = a, b
     n = b8.shape[0]
     _check("fp8_gemm_nt", a8, sa, b8, sb, 2, 2, (cdiv(n, TILE), n))
+    if not isinstance(split_k, int) or split_k < 1:
+        raise ValueError(f"fp8_gemm_nt: split_k must be a positive int, got {split_k!r}")
     return _gemm_nt_op(a8, b8, sa, sb, None, _PLAIN, 1, out_dtype,
-                       check_tile_config("fp8_gemm_nt", tile_config), backend)
+                       check_tile_config("fp8_gemm_nt", tile_config), backend, split_k)
 
 
 def m_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],

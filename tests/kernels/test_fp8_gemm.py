@@ -80,6 +80,29 @@ def test_fp8_gemm_triton_matches_reference(m, n, k, block_n):
 
 
 @needs_triton
+@pytest.mark.parametrize("split_k", [2, 4, 7])
+def test_fp8_gemm_split_k_matches_reference(split_k):
+    # K = 700: 6 steps of 128 (the last partial); 4 splits of 2 steps leave the last program empty, 7 leave one
+    a, b = torch.randn(5, 700), torch.randn(130, 700)
+    qa, qb = per_token_cast_to_fp8(a), per_block_cast_to_fp8(b)
+    out, ref = _both(fp8_gemm_nt, qa, qb, out_dtype=torch.float32, split_k=split_k)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    qb_rows = per_token_cast_to_fp8(b)  # 1x128 b tiles (weight gradients), bf16 out
+    out, ref = _both(fp8_gemm_nt, qa, qb_rows, split_k=split_k)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_fp8_gemm_split_k_errors():
+    qa, qb = per_token_cast_to_fp8(torch.randn(4, 256)), per_block_cast_to_fp8(torch.randn(128, 256))
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="split_k"):
+            fp8_gemm_nt(qa, qb, split_k=bad)
+    with pytest.raises(ValueError, match="split_k is an option of the Triton kernel"):
+        fp8_gemm_nt(qa, qb, split_k=2, backend="cublas")
+
+
+@needs_triton
 def test_fp8_gemm_per_row_b_scales_and_bf16_out():
     # the weight-gradient form: both operands with 1x128 tiles (b scales [N, Kb])
     a, b = torch.randn(40, 300), torch.randn(70, 300)
