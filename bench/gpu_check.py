@@ -27,7 +27,7 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
 
 import torch  # noqa: E402
 
-from leanmoe.kernels import fp8_gemm  # noqa: E402
+from leanmoe.kernels import fp8_cublas, fp8_gemm  # noqa: E402
 from leanmoe.kernels.fp8 import (per_block_cast_to_fp8_reference, per_block_cast_triton,  # noqa: E402
                                  per_token_cast_to_fp8_reference, per_token_cast_triton)
 from leanmoe.kernels.fp8_gemm import (calc_diff, contiguous_layout, fp8_gemm_nt, grouped_mm_contiguous,  # noqa: E402
@@ -228,7 +228,7 @@ def masked_fp8(dev, g, m, n, k):
 def cublas_fp8(dev, big: bool):
     """The cuBLAS backend (sm_90: torch.nn.functional.scaled_mm with DeepSeek's 1x128 / 128x128
     scales) against the same references as the Triton kernels."""
-    why = fp8_gemm.cublas_fp8_unsupported(torch.empty(1, 16, device=dev, dtype=torch.float8_e4m3fn),
+    why = fp8_cublas.cublas_fp8_unsupported(torch.empty(1, 16, device=dev, dtype=torch.float8_e4m3fn),
                                           torch.empty(16, 16, device=dev), torch.empty(1, 1, device=dev), 0)
     if why:
         print(f"NOTE  cuBLAS backend not checked: {why}")
@@ -282,7 +282,7 @@ def _cublas_layouts_run(dev) -> bool:
     sa = torch.rand(m, k // 128, device=dev) + 0.5
     sb = torch.rand(n // 128, k // 128, device=dev) + 0.5
     try:
-        scale_a, scale_b, _ = fp8_gemm.cublas_scale_layouts(sa, sb, n)
+        scale_a, scale_b, _ = fp8_cublas.cublas_scale_layouts(sa, sb, n)
         f.scaled_mm(a8, b8.t(), scale_a, f.ScalingType.BlockWise1x128, scale_b, f.ScalingType.BlockWise128x128,
                     output_dtype=torch.bfloat16)
         check("cuBLAS scale layouts accepted by scaled_mm", True, "")

@@ -9,9 +9,10 @@ and choosing the backend fails loudly where it cannot run.
 import pytest
 import torch
 
-from leanmoe.kernels import fp8_gemm
+from leanmoe.kernels import fp8_cublas, fp8_gemm
 from leanmoe.kernels.fp8 import per_block_cast_to_fp8, per_token_cast_to_fp8
-from leanmoe.kernels.fp8_gemm import (cublas_scale_layouts, fp8_gemm_nt, k_grouped_fp8_gemm_nt_contiguous,
+from leanmoe.kernels.fp8_cublas import cublas_scale_layouts
+from leanmoe.kernels.fp8_gemm import (fp8_gemm_nt, k_grouped_fp8_gemm_nt_contiguous,
                                       m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked)
 
 
@@ -80,12 +81,12 @@ def test_why_cublas_cannot_run_names_the_reason():
     a8 = torch.zeros(4, 256, dtype=torch.float8_e4m3fn)
     b8 = torch.zeros(128, 256, dtype=torch.float8_e4m3fn)
     sa = torch.ones(4, 2)
-    why = fp8_gemm.cublas_fp8_unsupported
+    why = fp8_cublas.cublas_fp8_unsupported
     assert "fp8 operands" in why(a8, b8, None, fp8_gemm._PLAIN)
-    assert "k-grouped" in why(a8, b8, sa, fp8_gemm._K_GROUPED)
+    assert "k-grouped" in why(a8, b8, sa, fp8_cublas.K_GROUPED)
     assert "NVIDIA GPU" in why(a8, b8, sa, fp8_gemm._PLAIN)
-    assert fp8_gemm._pick_backend("cublas", fp8_gemm._K_GROUPED, a8, b8, sa, torch.float32) == "triton"
-    assert fp8_gemm._pick_backend("cublas", fp8_gemm._PLAIN, a8, b8, None, torch.bfloat16) == "triton"
+    assert fp8_cublas._pick_backend("cublas", fp8_cublas.K_GROUPED, a8, b8, sa, torch.float32) == "triton"
+    assert fp8_cublas._pick_backend("cublas", fp8_gemm._PLAIN, a8, b8, None, torch.bfloat16) == "triton"
 
 
 def test_k_grouped_ignores_the_backend_setting(monkeypatch):
