@@ -129,7 +129,8 @@ def main() -> None:
     args = ap.parse_args()
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("train_profile.py times GPU kernels: no CUDA device here (--device cpu only checks the script)")
+        raise SystemExit("train_profile.py times GPU kernels: no CUDA device here "
+                         "(--device cpu only checks the script)")
     cfg = ModelConfig.from_preset(args.preset)
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     gpu = find_gpu(name) if dev == "cuda" else None
@@ -163,7 +164,8 @@ def main() -> None:
             sync(dev)
             times[v].append(time.perf_counter() - t)
     base = statistics.median(times[args.variants[0]])
-    print(f"\n{'variant':14s} {'s/step':>8s} {'spread':>15s} {'tokens/s':>10s} {'vs ' + args.variants[0]:>9s} {'MFU':>6s}")
+    vs = "vs " + args.variants[0]
+    print(f"\n{'variant':14s} {'s/step':>8s} {'spread':>15s} {'tokens/s':>10s} {vs:>9s} {'MFU':>6s}")
     for v, ts in times.items():
         med = statistics.median(ts)
         mfu = f"{tokens * fpt / med / peak:.1%}" if peak else "n/a"

@@ -32,8 +32,9 @@ def cublas_fp8_unsupported(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor | 
         return "the k-grouped (weight-gradient) GEMM has no cuBLAS form here"
     if a.device.type != "cuda" or torch.version.hip is not None:
         return f"cuBLAS blockwise FP8 needs an NVIDIA GPU (tensor on {a.device})"
-    if torch.cuda.get_device_capability(a.device) != (9, 0):
-        return f"cuBLAS blockwise FP8 runs on sm_90 (Hopper) only; this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability(a.device)))}"
+    major, minor = torch.cuda.get_device_capability(a.device)
+    if (major, minor) != (9, 0):
+        return f"cuBLAS blockwise FP8 runs on sm_90 (Hopper) only; this GPU is sm_{major}{minor}"
     if not hasattr(torch.nn.functional, "scaled_mm"):
         return f"torch {torch.__version__} has no torch.nn.functional.scaled_mm (torch >= 2.10)"
     k, n = a.shape[-1], b.shape[-2]
@@ -68,7 +69,8 @@ def _backend_choice(backend: str | None) -> str:
     return choice
 
 
-def _pick_backend(choice: str, mode: int, a, b, sa, out_dtype: torch.dtype) -> str:
+def _pick_backend(choice: str, mode: int, a, b, sa) -> str:
+    """"triton" or "cublas" for one call, given the requested choice (see the module docstring)."""
     if choice == "triton" or sa is None or mode == K_GROUPED:  # bf16 and k-grouped calls: Triton only
         return "triton"
     why = cublas_fp8_unsupported(a, b, sa, mode)
@@ -95,8 +97,8 @@ def cublas_scale_layouts(sa: torch.Tensor, sb: torch.Tensor, n: int) -> tuple[to
     kb4 = cdiv(kb, 4) * 4
     if kb4 == kb:  # V3's K (512-16384) are multiples of 512: one copy
         return scale_a, strided(sb.t(), (1, kb)), True
-    padded = torch.zeros((kb4, sb.shape[0]), dtype=sb.dtype, device=sb.device).as_strided((kb4, sb.shape[0]), (1, kb4))
-    padded[:kb] = sb.t()
+    padded = torch.zeros(kb4 * sb.shape[0], dtype=sb.dtype, device=sb.device).as_strided((kb4, sb.shape[0]), (1, kb4))
+    padded[:kb] = sb.t()  # the padding steps' scales stay 0
     return scale_a, padded, True
 
 
@@ -122,6 +124,9 @@ def _cublas_mm(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: torch.T
 
 
 def _cublas_call(mode: int, a, sa, b, sb, grp, out_dtype: torch.dtype) -> torch.Tensor:
+    """fp8_gemm's op for the plain and m-grouped modes on cuBLAS (same contract as its kernel)."""
+    if a.shape[-2] == 0 or b.shape[-2] == 0:  # nothing to multiply: no cuBLAS call
+        return torch.zeros(*a.shape[:-1], b.shape[-2], device=a.device, dtype=out_dtype)
     if mode == PLAIN:
         return _cublas_mm(a, sa, b, sb, out_dtype)
     if mode == M_MASKED:  # every group's M rows (no host sync), then rows past masked_m zeroed

@@ -285,7 +285,7 @@ def _gemm_nt_op(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor | None, sb: t
             raise ValueError(f"fp8 GEMM backend 'cublas': {cublas_fp8_unsupported(a, b, sa, mode)}")
         with torch.autocast(a.device.type, enabled=False):  # the emulation matmuls in fp32, always
             return _reference(mode, a, sa, b, sb, grp, n_groups, out_dtype)
-    if _pick_backend(choice, mode, a, b, sa, out_dtype) == "cublas":
+    if _pick_backend(choice, mode, a, b, sa) == "cublas":
         return _cublas_call(mode, a, sa, b, sb, grp, out_dtype)
     m, k = a.shape[-2], a.shape[-1]
     if split_k > 1 and mode == _PLAIN:  # fp32 partial products of each K range, summed after

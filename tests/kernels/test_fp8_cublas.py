@@ -85,8 +85,8 @@ def test_why_cublas_cannot_run_names_the_reason():
     assert "fp8 operands" in why(a8, b8, None, fp8_gemm._PLAIN)
     assert "k-grouped" in why(a8, b8, sa, fp8_cublas.K_GROUPED)
     assert "NVIDIA GPU" in why(a8, b8, sa, fp8_gemm._PLAIN)
-    assert fp8_cublas._pick_backend("cublas", fp8_cublas.K_GROUPED, a8, b8, sa, torch.float32) == "triton"
-    assert fp8_cublas._pick_backend("cublas", fp8_gemm._PLAIN, a8, b8, None, torch.bfloat16) == "triton"
+    assert fp8_cublas._pick_backend("cublas", fp8_cublas.K_GROUPED, a8, b8, sa) == "triton"
+    assert fp8_cublas._pick_backend("cublas", fp8_cublas.PLAIN, a8, b8, None) == "triton"
 
 
 def test_k_grouped_ignores_the_backend_setting(monkeypatch):
