@@ -343,76 +343,71 @@ def sweep(dev: str, what: str = "all") -> None:
         sweep_mla(dev)
 
 
+def sweep_cell(measure) -> str:
+    """One cell of a --sweep table: measure() checks the kernel's output on its inputs (verify exits
+    on a wrong one), times it and returns the cell's text; "WRONG" or the error's type where it fails
+    (a config that fails or is wrong is reported, not fatal)."""
+    try:
+        return measure()
+    except (Exception, SystemExit) as e:  # noqa: BLE001
+        return "WRONG" if isinstance(e, SystemExit) else f"error: {type(e).__name__}"
+
+
 def sweep_gemm(dev: str) -> None:
-    rows = []
-    for cfg in GEMM_CONFIGS:
-        row = [str(cfg)]
-        for m, n, k in GEMM_SWEEP:
-            a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            b = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
-            qa, qb = per_token_cast_to_fp8(a), per_block_cast_to_fp8(b)
-            try:
-                verify("sweep", calc_diff(fp8_gemm_nt(qa, qb, tile_config=cfg, backend="triton"),
-                                          a.float() @ b.float().T), 1e-3)
-                t = timer(lambda: fp8_gemm_nt(qa, qb, tile_config=cfg, backend="triton"), True)
-                row.append(f"{2 * m * n * k / t / 1e12:.0f}")
-            except (Exception, SystemExit) as e:  # noqa: BLE001 - a config that fails or is wrong is reported
-                row.append("WRONG" if isinstance(e, SystemExit) else f"error: {type(e).__name__}")
-        rows.append(row)
+    def gemm_cell(m, n, k, t_bf16=None, **kw):
+        a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        qa, qb = per_token_cast_to_fp8(a), per_block_cast_to_fp8(b)
+
+        def measure():
+            verify("sweep", calc_diff(fp8_gemm_nt(qa, qb, **kw), a.float() @ b.float().T), 1e-3)
+            t = timer(lambda: fp8_gemm_nt(qa, qb, **kw), True)
+            return f"{2 * m * n * k / t / 1e12:.0f}" + (f" ({t_bf16 / t:.2f}x)" if t_bf16 else "")
+        return sweep_cell(measure)
+
+    rows = [[str(cfg)] + [gemm_cell(*shape, tile_config=cfg, backend="triton") for shape in GEMM_SWEEP]
+            for cfg in GEMM_CONFIGS]
     table("sweep: fp8_gemm_nt TFLOPS per (block_m, block_n, warps, stages)",
           ["config"] + [f"{m}x{n}x{k}" for m, n, k in GEMM_SWEEP], rows)
     rows = []
     for m, n, k in GEMM_SPLIT_SWEEP:
         a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         b = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
-        qa, qb = per_token_cast_to_fp8(a), per_block_cast_to_fp8(b)
         t_bf16 = timer(lambda: a @ b.T, True)
-        row = [f"{m}x{n}x{k}", f"{2 * m * n * k / t_bf16 / 1e12:.0f}"]
-        for split in GEMM_SPLITS:
-            try:
-                verify("split-K", calc_diff(fp8_gemm_nt(qa, qb, split_k=split), a.float() @ b.float().T), 1e-3)
-                t = timer(lambda: fp8_gemm_nt(qa, qb, split_k=split), True)
-                row.append(f"{2 * m * n * k / t / 1e12:.0f} ({t_bf16 / t:.2f}x)")
-            except (Exception, SystemExit) as e:  # noqa: BLE001
-                row.append("WRONG" if isinstance(e, SystemExit) else f"error: {type(e).__name__}")
-        rows.append(row)
+        rows.append([f"{m}x{n}x{k}", f"{2 * m * n * k / t_bf16 / 1e12:.0f}"]
+                    + [gemm_cell(m, n, k, t_bf16, split_k=split) for split in GEMM_SPLITS])
     table("sweep: Triton fp8_gemm_nt TFLOPS (vs bf16) per split_k", ["MxNxK", "bf16"] + [str(s) for s in GEMM_SPLITS],
           rows)
 
 
 def sweep_mla(dev: str) -> None:
-    rows = []
-    d, dv = 576, 512
-    for cfg in MLA_CONFIGS:
-        row = [str(cfg)]
-        for b, s_q, h_q, s_k in MLA_SWEEP:
-            try:
-                q, kv, table_, seqlens, nbytes = _mla_case(dev, b, s_q, h_q, s_k, verify_name="sweep",
-                                                           tile_config=cfg)
-                t = timer(lambda: mla_decode(q, kv, table_, seqlens, dv, d ** -0.5, causal=True, tile_config=cfg),
-                          True)
-                row.append(f"{nbytes / t / 1e9:.0f}")
-            except (Exception, SystemExit) as e:  # noqa: BLE001
-                row.append("WRONG" if isinstance(e, SystemExit) else f"error: {type(e).__name__}")
-        rows.append(row)
-    table("sweep: mla_decode GB/s per (rows, keys per step, warps, stages)",
-          ["config"] + [f"b={b} s_q={s} h={h} s_k={n}" for b, s, h, n in MLA_SWEEP], rows)
     from leanmoe.kernels.mla_decode import mla_decode_triton
 
+    d, dv = 576, 512
+
+    def tiles_cell(shape, cfg):
+        def measure():
+            q, kv, table_, seqlens, nbytes = _mla_case(dev, *shape, verify_name="sweep", tile_config=cfg)
+            t = timer(lambda: mla_decode(q, kv, table_, seqlens, dv, d ** -0.5, causal=True, tile_config=cfg), True)
+            return f"{nbytes / t / 1e9:.0f}"
+        return sweep_cell(measure)
+
+    rows = [[str(cfg)] + [tiles_cell(shape, cfg) for shape in MLA_SWEEP] for cfg in MLA_CONFIGS]
+    table("sweep: mla_decode GB/s per (rows, keys per step, warps, stages)",
+          ["config"] + [f"b={b} s_q={s} h={h} s_k={n}" for b, s, h, n in MLA_SWEEP], rows)
     rows = []
     for (b, s_q, h_q, s_k), cfg in MLA_SPLIT_CASES:
         row = [f"b={b} h={h_q} s_k={s_k} {cfg}"]
         q, kv, table_, seqlens, nbytes = _mla_case(dev, b, s_q, h_q, s_k, verify_name="splits", tile_config=cfg)
-        ref = _sdpa_paged(q, kv, table_, seqlens, dv, d ** -0.5)
+        ref = _sdpa_paged(q, kv, table_, seqlens, dv, d ** -0.5).float()
         for n_splits in MLA_SPLITS:
             def run():
                 return mla_decode_triton(q, kv, table_, seqlens, dv, d ** -0.5, True, n_splits, tile_config=cfg)
-            try:
-                out = run()[0]
-                verify("splits", ((out.float() - ref.float()).norm() / ref.float().norm()).item(), 1e-2)
-                row.append(f"{nbytes / timer(run, True) / 1e9:.0f}")
-            except (Exception, SystemExit) as e:  # noqa: BLE001
-                row.append("WRONG" if isinstance(e, SystemExit) else f"error: {type(e).__name__}")
+
+            def measure():
+                verify("splits", ((run()[0].float() - ref).norm() / ref.norm()).item(), 1e-2)
+                return f"{nbytes / timer(run, True) / 1e9:.0f}"
+            row.append(sweep_cell(measure))
         rows.append(row)
     table("sweep: mla_decode GB/s per number of KV splits (None: the heuristic)",
           ["shape, config"] + [str(n) for n in MLA_SPLITS], rows)

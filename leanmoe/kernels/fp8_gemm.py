@@ -55,7 +55,7 @@ from leanmoe.kernels.fp8_cublas import K_GROUPED as _K_GROUPED
 from leanmoe.kernels.fp8_cublas import M_CONTIGUOUS as _M_CONTIGUOUS
 from leanmoe.kernels.fp8_cublas import M_MASKED as _M_MASKED
 from leanmoe.kernels.fp8_cublas import PLAIN as _PLAIN
-from leanmoe.kernels.fp8_cublas import _backend_choice, _cublas_call, _pick_backend, cublas_fp8_unsupported
+from leanmoe.kernels.fp8_cublas import _backend_choice, _cublas_call, _pick_backend
 from leanmoe.kernels.fp8 import FP8_DTYPE, TILE, per_block_dequant, per_token_dequant
 
 __all__ = ["fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
@@ -280,12 +280,11 @@ def _gemm_nt_op(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor | None, sb: t
         if choice == "cublas":
             raise ValueError("fp8 GEMM: split_k is an option of the Triton kernel; backend 'cublas' takes none")
         choice = "triton"
+    picked = _pick_backend(choice, mode, a, b, sa)  # raises where "cublas" is asked and cannot run (CPU too)
     if not use_triton(a):
-        if choice == "cublas" and sa is not None and mode != _K_GROUPED:  # as _pick_backend
-            raise ValueError(f"fp8 GEMM backend 'cublas': {cublas_fp8_unsupported(a, b, sa, mode)}")
         with torch.autocast(a.device.type, enabled=False):  # the emulation matmuls in fp32, always
             return _reference(mode, a, sa, b, sb, grp, n_groups, out_dtype)
-    if _pick_backend(choice, mode, a, b, sa) == "cublas":
+    if picked == "cublas":
         return _cublas_call(mode, a, sa, b, sb, grp, out_dtype)
     m, k = a.shape[-2], a.shape[-1]
     if split_k > 1 and mode == _PLAIN:  # fp32 partial products of each K range, summed after
