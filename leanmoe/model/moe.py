@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanmoe.config import ModelConfig
-from leanmoe.kernels.grouped_gemm import expert_mlp
+from leanmoe.kernels.grouped_gemm import expert_mlp, expert_row_alignment
 from leanmoe.model.layers import MLP
 
 
@@ -148,8 +148,32 @@ class MoE(nn.Module):
             order_M = flat_M.argsort(stable=True)  # token copies grouped by expert
         else:  # ids of -1 sort last and are cut off
             order_M = torch.where(flat_M < 0, self.experts.n_experts, flat_M).argsort(stable=True)[:n_copies]
+        align = expert_row_alignment(x_ND) if n_copies is None else 1
+        if align > 1:
+            return self.routed_aligned(x_ND, order_M, topk_idx_NK, topk_w_NK, counts_E, align)
         y_MD = self.experts(x_ND.index_select(0, order_M // k), counts_E.cumsum(0, dtype=torch.int32))
         return combine(y_MD, order_M, topk_w_NK, partial=n_copies is not None)
+
+    def routed_aligned(self, x_ND: torch.Tensor, order_M: torch.Tensor, topk_idx_NK: torch.Tensor,
+                       topk_w_NK: torch.Tensor, counts_E: torch.Tensor, align: int) -> torch.Tensor:
+        """`routed` with every expert's rows padded to a multiple of `align` (DeepGEMM's aligned
+        contiguous layout), so the grouped GEMMs see few distinct shapes (see expert_row_alignment).
+
+        Padding rows read token 0 and their outputs are never read back: their gradients are exact
+        zeros, so they add nothing to the weights' or the input's gradients."""
+        n, k = topk_idx_NK.shape
+        m = n * k
+        counts = counts_E.long()
+        padded = (counts + align - 1) // align * align
+        ends_pad = padded.cumsum(0)
+        shift_E = (ends_pad - padded) - (counts.cumsum(0) - counts)  # padded start - packed start
+        pos_M = torch.arange(m, device=x_ND.device) + shift_E[topk_idx_NK.reshape(-1)[order_M]]
+        m_pad = int(ends_pad[-1]) if len(ends_pad) else 0  # host sync: the padded size
+        src_P = torch.zeros(m_pad, dtype=torch.long, device=x_ND.device).index_copy_(0, pos_M, order_M // k)
+        y_PD = self.experts(x_ND.index_select(0, src_P), ends_pad.to(torch.int32))
+        row_M = torch.empty_like(pos_M).index_copy_(0, order_M, pos_M)  # each copy's row, in token order
+        y_NKD = y_PD.index_select(0, row_M).view(n, k, -1)
+        return (y_NKD * topk_w_NK.to(y_NKD.dtype)[..., None]).sum(dim=1)
 
     def routed_parallel(self, x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, topk_w_NK: torch.Tensor) -> torch.Tensor:
         """Expert parallelism (DeepEP's contract): tokens travel to the ranks holding their

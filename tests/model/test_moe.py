@@ -158,3 +158,44 @@ def test_router_is_fp32_and_bias_is_a_buffer():
     assert "e_score_correction_bias" not in dict(r.named_parameters())
     idx, w, s = r.to(torch.bfloat16)(torch.randn(4, 32, dtype=torch.bfloat16))
     assert w.dtype == torch.float32 and s.dtype == torch.float32
+
+
+@pytest.mark.parametrize("align", [1, 4, 64])
+def test_aligned_expert_layout_equals_packed(align):
+    """Experts' rows padded to a multiple of `align` (the CPU bf16 path): same output and gradients."""
+    moe = _moe(n_group=1, topk_group=1)
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    x_ND = x.view(-1, 32)
+    idx, w, _ = moe.gate(x_ND)
+    w = w.detach().requires_grad_()  # a leaf: its gradient (through the weighted sum) is compared too
+    counts = torch.bincount(idx.reshape(-1), minlength=moe.n_experts).to(torch.int32)
+    order = idx.reshape(-1).argsort(stable=True)
+    g = torch.randn(x_ND.shape)
+    results = []
+    for aligned in (False, True):
+        y = (moe.routed_aligned(x_ND, order, idx, w, counts, align) if aligned
+             else moe.routed(x_ND, idx, w, counts))
+        grads = torch.autograd.grad((y * g).sum(), [x, w] + list(moe.experts.parameters()))
+        results.append((y, grads))
+    (y0, g0), (y1, g1) = results
+    torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_on_cpu_pads_expert_rows_and_matches_reference(monkeypatch):
+    from leanmoe.kernels import grouped_gemm
+
+    assert grouped_gemm.expert_row_alignment(torch.zeros(1)) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert grouped_gemm.expert_row_alignment(torch.zeros(1)) == grouped_gemm.CPU_ONEDNN_ROW_ALIGN
+    assert grouped_gemm.expert_row_alignment(torch.zeros(1, dtype=torch.bfloat16)) == grouped_gemm.CPU_ONEDNN_ROW_ALIGN
+    moe = _moe(n_group=1, topk_group=1)
+    calls = []
+    real = MoE.routed_aligned
+    monkeypatch.setattr(MoE, "routed_aligned", lambda self, *a: calls.append(a[-1]) or real(self, *a))
+    x = torch.randn(2, 9, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = moe(x)
+    assert calls == [grouped_gemm.CPU_ONEDNN_ROW_ALIGN]
+    torch.testing.assert_close(y.float(), _loop_reference(moe, x), atol=0.1, rtol=0.05)
