@@ -236,7 +236,8 @@ def run_one(args, corpus: str, budget: str, seed: int, model: str, cfg_path: Pat
     tc = TrainConfig(config=str(cfg_path), data=corpus_spec(corpus), tokenizer=str(tokenizer), out=str(run_dir),
                      time_budget=parse_duration(budget), seed=seed, seq_len=args.seq_len, batch_size=args.batch_size,
                      eval_interval=args.eval_interval, eval_batches=args.eval_batches, sample_tokens=0,
-                     save_interval=10**9, keep_last=1, device=args.device, progress=not args.no_progress)
+                     save_interval=10**9, keep_last=1, device=args.device, dtype=args.dtype,
+                     progress=not args.no_progress)
     trainer = Trainer(tc)
     res = trainer.train()
     trainer.close()
@@ -245,7 +246,7 @@ def run_one(args, corpus: str, budget: str, seed: int, model: str, cfg_path: Pat
     rec = {"corpus": corpus, "budget": budget, "budget_s": parse_duration(budget), "seed": seed, "model": model,
            "steps": res.steps, "tokens": res.tokens, "tokens_per_second": res.tokens_per_second,
            "elapsed": res.elapsed, "val_bpb": res.val_bpb, "val_loss": res.val_loss, "interrupted": res.interrupted,
-           "batch": [trainer.tc.batch_size, trainer.tc.seq_len], "lr": trainer.tc.lr,
+           "batch": [trainer.tc.batch_size, trainer.tc.seq_len], "lr": trainer.tc.lr, "dtype": trainer.tc.dtype,
            "load_before": load_before, "load_after": load_after, "warnings": warns, "run_dir": str(run_dir),
            "date": dt.datetime.now().isoformat(timespec="seconds"), **info, "curve": read_curve(run_dir)}
     if res.interrupted:
@@ -329,7 +330,8 @@ def step_split(model_name: str, cfg_path: Path, corpus: str, tokenizer: Path, ar
     load_before = settle(args.settle)
     tc = TrainConfig(config=str(cfg_path), data=corpus_spec(corpus), tokenizer=str(tokenizer), out=str(run_dir),
                      max_steps=args.split_steps, seq_len=args.seq_len, batch_size=args.batch_size, eval_batches=1,
-                     eval_interval=10**9, save_interval=10**9, sample_tokens=0, device=args.device, progress=False)
+                     eval_interval=10**9, save_interval=10**9, sample_tokens=0, device=args.device, dtype=args.dtype,
+                     progress=False)
     trainer = Trainer(tc)
     trainer.train()
     tc, model, dev = trainer.tc, trainer.model, trainer.device
@@ -431,6 +433,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, help="default: the trainer's (256 on CPU)")
     ap.add_argument("--batch-size", type=int, help="default: the trainer's (16 on CPU)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="the trainer's autocast dtype for both models (auto | fp32 | bf16)")
     ap.add_argument("--no-progress", action="store_true", help="no per-step progress line")
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "moe_vs_dense.png")
     ap.add_argument("--settle", type=float, default=90, help="seconds to wait at most for a quiet machine per run")

@@ -113,3 +113,20 @@ def test_engine_cache_dtype_auto_follows_the_weights():
                                              ("meta", "fp32")])
 def test_auto_dtype(device, expected):
     assert auto_dtype(device) == expected
+
+
+@pytest.mark.parametrize("caps, native", [({"avx512_bf16": True, "amx_bf16": False}, True),
+                                          ({"avx512_bf16": False, "amx_bf16": True}, True),
+                                          ({"avx512_bf16": False, "amx_bf16": False}, False),
+                                          ({}, False)])
+def test_native_bf16_is_read_from_the_cpu_capabilities(monkeypatch, caps, native):
+    monkeypatch.setattr(torch._C._cpu, "_get_cpu_capability", lambda: caps)
+    assert device_mod.cpu_has_native_bf16() is native
+    assert device_mod.auto_train_dtype("cpu") == ("bf16" if native else "fp32")
+    assert device_mod.auto_train_dtype("cuda") == "bf16"
+    assert auto_dtype("cpu") == "fp32"  # inference keeps fp32 on CPUs (its C kernels are fp32)
+
+
+def test_native_bf16_is_false_without_the_capability_api(monkeypatch):
+    monkeypatch.delattr(torch._C._cpu, "_get_cpu_capability")
+    assert device_mod.cpu_has_native_bf16() is False

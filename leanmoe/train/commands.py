@@ -184,7 +184,8 @@ def register(subparsers) -> None:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps (default: cuda, else mps, else cpu)")
     tr.add_argument("--dtype", choices=["auto", "fp32", "bf16", "float32", "bfloat16"], default="auto",
-                    help="autocast dtype: auto | fp32 | bf16 (or float32 | bfloat16; auto: bf16 on GPU, fp32 elsewhere)")
+                    help="autocast dtype: auto | fp32 | bf16 (or float32 | bfloat16; auto: bf16 on a GPU and on a "
+                         "single-process CPU with native bf16 (AVX512-BF16/AMX), fp32 elsewhere)")
     tr.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     tr.add_argument("--gpu", help="GPU type for the cost report (default: detected)")

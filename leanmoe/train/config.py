@@ -92,7 +92,7 @@ class TrainConfig:
     # runtime
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps (leanmoe.device)
-    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 elsewhere) | fp32 | bf16
+    dtype: str = "auto"  # auto (bf16 autocast on GPU and native-bf16 CPUs, fp32 elsewhere) | fp32 | bf16
     compile: str = "auto"  # auto (on for CUDA) | on | off
     resume: bool = False
 
@@ -111,7 +111,7 @@ class TrainConfig:
         checked; raises TrainingError naming the flag. A micro-batch left to the default shrinks
         (gradient accumulation keeps the batch) until a step fits `free_memory` bytes; an
         explicit one that does not fit is refused."""
-        from leanmoe.device import auto_dtype, dtype_name
+        from leanmoe.device import auto_train_dtype, dtype_name
         from leanmoe.train.memory import HEADROOM, estimate_step_memory, largest_fitting_micro_batch
 
         tc, gpu = dataclasses.replace(self), device.type == "cuda"
@@ -138,8 +138,8 @@ class TrainConfig:
             tc.dtype = dtype_name(tc.dtype, allowed=("fp32", "bf16"))
         except ValueError as e:
             raise TrainingError(f"--dtype must be fp32 or bf16, got {tc.dtype!r}") from e
-        if tc.dtype == "auto":
-            tc.dtype = auto_dtype(device)
+        if tc.dtype == "auto":  # multi-process CPU runs stay fp32: bf16 was measured in one process only
+            tc.dtype = auto_train_dtype(device) if gpu or world_size == 1 else "fp32"
         if tc.compile == "auto":
             tc.compile = "on" if gpu else "off"
 

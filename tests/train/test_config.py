@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from leanmoe import ModelConfig
+from leanmoe.device import auto_train_dtype
 from leanmoe.train.config import TrainConfig, TrainingError, parse_duration
 from leanmoe.train.memory import HEADROOM, estimate_step_memory
 
@@ -29,9 +30,20 @@ def test_resolved_fills_every_default_and_leaves_the_caller_unchanged(tiny):
     assert r.lr == 3e-3  # the tiny width's tuned value
     assert r.time_budget == 600.0 and r.max_steps is None and r.max_tokens is None
     assert (r.warmup_steps, r.eval_interval, r.save_interval) == (50, 100, 200)
-    assert (r.dtype, r.compile) == ("fp32", "off")
+    assert (r.dtype, r.compile) == (auto_train_dtype(CPU), "off")  # bf16 on a CPU with native bf16
     # resolving again changes nothing
     assert dataclasses.asdict(r.resolved(tiny, CPU)) == dataclasses.asdict(r)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_dtype_auto_is_bf16_only_with_native_bf16_in_one_process(tiny, monkeypatch, native):
+    import leanmoe.device as device_mod
+
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: native)
+    assert TrainConfig().resolved(tiny, CPU).dtype == ("bf16" if native else "fp32")
+    assert TrainConfig().resolved(tiny, CPU, world_size=2).dtype == "fp32"  # multi-process CPU: not measured
+    assert TrainConfig(dtype="fp32").resolved(tiny, CPU).dtype == "fp32"  # an explicit choice wins
+    assert TrainConfig().resolved(tiny, CUDA).dtype == "bf16"
 
 
 def test_gpu_defaults_are_larger_and_capped_by_the_model(tiny):
@@ -75,9 +87,9 @@ def test_any_budget_suppresses_the_default_time_budget(tiny):
 
 
 @pytest.mark.parametrize("given,expected", [("bfloat16", "bf16"), ("float32", "fp32"), ("BF16", "bf16"),
-                                            ("fp32", "fp32"), ("auto", "fp32")])
+                                            ("fp32", "fp32"), ("auto", None)])
 def test_dtype_aliases(tiny, given, expected):
-    assert TrainConfig(dtype=given).resolved(tiny, CPU).dtype == expected
+    assert TrainConfig(dtype=given).resolved(tiny, CPU).dtype == (expected or auto_train_dtype(CPU))
 
 
 @pytest.mark.parametrize("compile_", ["on", "off"])

@@ -27,8 +27,8 @@ def tiny() -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def tc(tiny) -> TrainConfig:
-    return TrainConfig(seq_len=32, batch_size=8, micro_batch_size=8, lr=1e-3, warmup_steps=1,
-                       max_steps=3).resolved(tiny, torch.device("cpu"))
+    return TrainConfig(seq_len=32, batch_size=8, micro_batch_size=8, lr=1e-3, warmup_steps=1, max_steps=3,
+                       dtype="fp32").resolved(tiny, torch.device("cpu"))
 
 
 @pytest.fixture
