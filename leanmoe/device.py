@@ -73,7 +73,7 @@ def auto_train_dtype(device: torch.device | str) -> str:
     (cpu_has_native_bf16), fp32 elsewhere.
 
     NOTE: on the 2-core AVX512-BF16 CPU, bf16 autocast trained `tiny` 1.23x faster and its dense
-    twin 1.43x faster than fp32, and its validation loss stayed within 0.4% of fp32's after the
+    twin 1.43x faster than fp32, and its validation loss stayed within 0.7% of fp32's after the
     first evaluation over 150 steps (bench/bf16_cpu.py, docs/benchmarks.md)."""
     dev = torch.device(device)
     if dev.type == "cuda" or (dev.type == "cpu" and cpu_has_native_bf16()):
