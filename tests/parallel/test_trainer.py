@@ -48,7 +48,8 @@ def workspace(tmp_path_factory):
 def _tc(root: Path, out: str, world: int, **kw) -> TrainConfig:
     base = dict(config=str(root / "micro.json"), data=[str(root / "corpus")], out=str(root / out), seq_len=SEQ,
                 batch_size=BATCH, micro_batch_size=BATCH // world, lr=3e-3, warmup_steps=2, max_steps=STEPS,
-                eval_interval=2, save_interval=2, eval_batches=8 // (BATCH // world), sample_tokens=4, progress=False)
+                eval_interval=2, save_interval=2, eval_batches=8 // (BATCH // world), sample_tokens=4, progress=False,
+                dtype="fp32")  # what multi-process CPU runs take for auto; one process would take bf16 on some CPUs
     base.update(kw)
     return TrainConfig(**base)
 
