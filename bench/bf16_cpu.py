@@ -49,6 +49,11 @@ def run(args, model: str, cfg_path: Path, tokenizer: Path, dtype: str) -> dict:
             "curve": read_curve(run_dir), "load_before": load, "busy": load[0] > BUSY}
 
 
+def relative_diffs(ref: dict, run_: dict) -> list[float]:
+    """(run - ref) / ref of the validation bits/byte at each evaluation both runs made."""
+    return [(b[3] - a[3]) / a[3] for a, b in zip(ref["curve"], run_["curve"])]
+
+
 def report(runs: list[dict]) -> str:
     lines = ["| model | dtype | tokens/s | bf16 / fp32 speed | final val bpb | bf16 - fp32 (relative), per evaluation |",
              "|---|---|---:|---:|---:|---|"]
@@ -58,7 +63,7 @@ def report(runs: list[dict]) -> str:
         speed, diffs = "", ""
         if dtype == "bf16" and ref:
             speed = f"{r['tokens_per_second'] / ref['tokens_per_second']:.2f}x"
-            diffs = ", ".join(f"{(b[3] - a[3]) / a[3]:+.2%}" for a, b in zip(ref["curve"], r["curve"]))
+            diffs = ", ".join(f"{d:+.2%}" for d in relative_diffs(ref, r))
         busy = " (machine busy)" if r["busy"] else ""
         lines.append(f"| {model} | {dtype}{busy} | {r['tokens_per_second']:,.0f} | {speed} | {r['val_bpb']:.4f} | {diffs} |")
     return "\n".join(lines)
@@ -92,8 +97,8 @@ def main() -> None:
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     text = (f"{dt.date.today()}, {info['machine']}, {os.cpu_count()} cores, torch {info['torch']}, commit "
             f"{info['git_commit']}: `{command}` ({args.steps} steps, seed {args.seed}, {args.corpus})\n\n" + report(runs))
-    spread = [abs(b[3] - a[3]) / a[3] for m in args.models
-              for a, b in zip(runs[2 * args.models.index(m)]["curve"], runs[2 * args.models.index(m) + 1]["curve"])]
+    by = {(r["model"], r["dtype"]): r for r in runs}
+    spread = [abs(d) for m in args.models for d in relative_diffs(by[m, "fp32"], by[m, "bf16"])]
     if spread:
         text += f"\n\nlargest |bf16 - fp32| / fp32 at an evaluation: {max(spread):.2%} (mean {statistics.mean(spread):.2%})"
     (args.out / "results.json").write_text(json.dumps({"meta": {**info, "command": command}, "runs": runs}, indent=1))

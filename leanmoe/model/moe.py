@@ -42,11 +42,16 @@ def combine(y_MD: torch.Tensor, order_M: torch.Tensor, topk_w_NK: torch.Tensor, 
     (expert parallelism); they count as zero.
 
     The un-sort writes in place into a fresh buffer: deterministic, unlike index_add on GPU, and
-    its backward is a gather. NOTE: an einsum for the weighted sum becomes N batched [1, K] x
-    [K, D] products, which took 2.5x this multiply-and-sum (backward included) on CPU."""
+    its backward is a gather."""
     n, k = topk_w_NK.shape
     y_buf = y_MD.new_zeros(n * k, y_MD.shape[-1]) if partial else torch.empty_like(y_MD)
-    y_NKD = y_buf.index_copy_(0, order_M, y_MD).view(n, k, y_MD.shape[-1])
+    return weighted_sum(y_buf.index_copy_(0, order_M, y_MD).view(n, k, y_MD.shape[-1]), topk_w_NK)
+
+
+def weighted_sum(y_NKD: torch.Tensor, topk_w_NK: torch.Tensor) -> torch.Tensor:
+    """Each token's K expert outputs [N, K, D], in token order, summed with its routing weights
+    [N, K] -> [N, D]. NOTE: an einsum here becomes N batched [1, K] x [K, D] products, which took
+    2.5x this multiply-and-sum (backward included) on CPU."""
     return (y_NKD * topk_w_NK.to(y_NKD.dtype)[..., None]).sum(dim=1)
 
 
@@ -168,12 +173,11 @@ class MoE(nn.Module):
         ends_pad = padded.cumsum(0)
         shift_E = (ends_pad - padded) - (counts.cumsum(0) - counts)  # padded start - packed start
         pos_M = torch.arange(m, device=x_ND.device) + shift_E[topk_idx_NK.reshape(-1)[order_M]]
-        m_pad = int(ends_pad[-1]) if len(ends_pad) else 0  # host sync: the padded size
+        m_pad = int(ends_pad[-1])  # host sync: the padded size
         src_P = torch.zeros(m_pad, dtype=torch.long, device=x_ND.device).index_copy_(0, pos_M, order_M // k)
         y_PD = self.experts(x_ND.index_select(0, src_P), ends_pad.to(torch.int32))
         row_M = torch.empty_like(pos_M).index_copy_(0, order_M, pos_M)  # each copy's row, in token order
-        y_NKD = y_PD.index_select(0, row_M).view(n, k, -1)
-        return (y_NKD * topk_w_NK.to(y_NKD.dtype)[..., None]).sum(dim=1)
+        return weighted_sum(y_PD.index_select(0, row_M).view(n, k, -1), topk_w_NK)
 
     def routed_parallel(self, x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, topk_w_NK: torch.Tensor) -> torch.Tensor:
         """Expert parallelism (DeepEP's contract): tokens travel to the ranks holding their
