@@ -18,6 +18,9 @@ threads + 0.5 per core, is flagged in the output and results.json.
     python bench/moe_vs_dense.py --out runs/study                          # 10m and 30m, seeds 0-2, 2 corpora
     python bench/moe_vs_dense.py --out runs/study --resume-study           # continue it after a stop
     python bench/moe_vs_dense.py --budgets 15s --seeds 0 --corpora stdlib  # a smoke run
+
+--equal-steps also trains the MoE, after each pair, for the dense twin's step count: the margin the
+MoE would reach if its layers cost no more time than the dense MLP, the most any speed-up can buy.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from leanmoe.train.config import parse_duration
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("MoE", "dense")
+EQUAL = "MoE@dense-steps"  # --equal-steps: the MoE trained for as many steps as the dense twin took
 BUSY = 0.5 * (os.cpu_count() or 1)  # a 1-minute load average above this: the machine is not quiet
 
 
@@ -128,7 +132,9 @@ def summarize(runs: list[dict]) -> list[dict]:
         need, margins = target_margin(moe[0]["budget_s"]), [d["val_bpb"] - m["val_bpb"] for _, m, d in pairs]
         longer = {s: [r for (c, _, s2, m), r in by.items() if (c, s2, m) == (corpus, s, "dense")
                       and r["budget_s"] > moe[0]["budget_s"]] for s, _, _ in pairs}
-        rows.append({"corpus": corpus, "budget": budget, "seeds": [p[0] for p in pairs],
+        equal = [d["val_bpb"] - by[corpus, budget, s, EQUAL]["val_bpb"] for s, _, d in pairs
+                 if (corpus, budget, s, EQUAL) in by]
+        rows.append({"corpus": corpus, "budget": budget, "seeds": [p[0] for p in pairs], "equal_step_margins": equal,
                      "moe_bpb": [m["val_bpb"] for m in moe], "dense_bpb": [d["val_bpb"] for d in dense],
                      "margins": margins, "moe_tps": mean(m["tokens_per_second"] for m in moe),
                      "dense_tps": mean(d["tokens_per_second"] for d in dense),
@@ -146,6 +152,12 @@ def markdown(rows: list[dict], split: dict | None, warnings: list[str]) -> str:
         out.append(f"| {r['corpus']} | {r['budget']} | {len(r['seeds'])} | {spread(r['moe_bpb'])} | "
                    f"{spread(r['dense_bpb'])} | {' / '.join(f'{x:+.4f}' for x in r['margins'])} | "
                    f"{r['moe_tps']:,.0f} | {r['dense_tps']:,.0f} | {' / '.join(r['multipliers'])} | {met} |")
+    bounds = [r for r in rows if r.get("equal_step_margins")]
+    if bounds:
+        out += ["", "The MoE trained for as many steps as the dense twin took in its budget (`--equal-steps`: what "
+                "an MoE layer costing no more than the dense MLP would reach, the most a faster MoE can buy), "
+                "dense - MoE per seed: " + "; ".join(f"{r['corpus']} {r['budget']} " + " / ".join(
+                    f"{x:+.4f}" for x in r["equal_step_margins"]) for r in bounds) + "."]
     if split:
         out += ["", (f"Step-time split, ms per optimizer step (batch {split['batch']}), from isolated-component "
                      "timing: each component's forward + backward run alone on the inputs it received in one "
@@ -224,7 +236,9 @@ def read_curve(run_dir: Path) -> list[list[float]]:
 
 
 def run_one(args, corpus: str, budget: str, seed: int, model: str, cfg_path: Path, tokenizer: Path,
-            info: dict) -> dict:
+            info: dict, max_steps: int | None = None) -> dict:
+    """One training run: `budget` of wall-clock, or max_steps steps (then no time limit; the
+    learning-rate schedule has the same shape, over steps instead of seconds)."""
     run_dir = args.out / "runs" / slug(corpus) / slug(budget) / f"seed{seed}" / model
     done = run_dir / "study_result.json"
     if done.is_file() and args.resume_study:
@@ -234,7 +248,7 @@ def run_one(args, corpus: str, budget: str, seed: int, model: str, cfg_path: Pat
     load_before = settle(args.settle)
     print(f"[run] {corpus} {budget} seed {seed} {model}; load average {load_before[0]:.2f}", flush=True)
     tc = TrainConfig(config=str(cfg_path), data=corpus_spec(corpus), tokenizer=str(tokenizer), out=str(run_dir),
-                     time_budget=parse_duration(budget), seed=seed, seq_len=args.seq_len, batch_size=args.batch_size,
+                     time_budget=None if max_steps else parse_duration(budget), max_steps=max_steps, seed=seed, seq_len=args.seq_len, batch_size=args.batch_size,
                      eval_interval=args.eval_interval, eval_batches=args.eval_batches, sample_tokens=0,
                      save_interval=10**9, keep_last=1, device=args.device, dtype=args.dtype,
                      progress=not args.no_progress)
@@ -285,31 +299,27 @@ class _IdentityExperts(torch.nn.Module):
         return x_MD * 1.0
 
 
-def time_moe(mod, x_BTD: torch.Tensor, timed) -> dict[str, float]:
-    """One MoE layer's pieces, each timed alone by `timed(fn, inputs, grad_in, grad_out)`: the
-    router, MoE.routed's sort + gather (dispatch) and un-sort + weighted sum (combine) as in
-    leanmoe/model/moe.py, the routed grouped GEMMs; and MoE.routed with identity experts as a check."""
-    from leanmoe.model.moe import combine, expert_counts
+def time_moe(mod, x_BTD: torch.Tensor, timed, autocast) -> dict[str, float]:
+    """One MoE layer's pieces, each timed alone by `timed(fn, inputs, grad_in, grad_out)` under
+    `autocast`: the router, MoE.gather_rows (the sort and gather; padded on a CPU in bf16, as
+    MoE.routed runs it), the routed grouped GEMMs, MoE.combine_rows (the un-sort and weighted sum);
+    and MoE.routed with identity experts as a check."""
+    from leanmoe.model.moe import expert_counts
 
     x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-    with torch.no_grad():  # the routing this layer chose, and what its experts received and returned
+    with torch.no_grad(), autocast:  # the routing this layer chose, and its experts' rows in the layout routed uses
         idx_NK, w_NK, _ = mod.gate(x_ND)
         counts_E = expert_counts(idx_NK, mod.n_experts)
-        order_M = idx_NK.reshape(-1).argsort(stable=True)
-        offs_E = counts_E.cumsum(0, dtype=torch.int32)
-        x_MD = x_ND.index_select(0, order_M // mod.top_k)
-        y_MD = mod.experts(x_MD, offs_E)
-    n, k = idx_NK.shape
+        x_PD, offs_E, order_M, row_M = mod.gather_rows(x_ND, idx_NK, counts_E)
+        y_PD = mod.experts(x_PD, offs_E)
 
     def dispatch(x_ND, idx_NK):  # MoE.forward's counts, MoE.routed's sort and gather
-        c = expert_counts(idx_NK, mod.n_experts)
-        o = idx_NK.reshape(-1).argsort(stable=True)
-        return x_ND.index_select(0, o // k), c.cumsum(0, dtype=torch.int32)
+        return mod.gather_rows(x_ND, idx_NK, expert_counts(idx_NK, mod.n_experts))
 
     parts = {"router": timed(mod.gate, [x_ND], (0,), (1, 2) if mod.aux_loss_alpha > 0 else (1,)),
              "dispatch-sort": timed(dispatch, [x_ND, idx_NK], (0,)),
-             "expert GEMMs": timed(mod.experts, [x_MD, offs_E], (0,)),
-             "combine": timed(combine, [y_MD, order_M, w_NK], (0, 2))}
+             "expert GEMMs": timed(mod.experts, [x_PD, offs_E], (0,)),
+             "combine": timed(mod.combine_rows, [y_PD, order_M, row_M, w_NK], (0, 3))}
     experts, mod.experts = mod.experts, _IdentityExperts()  # MoE.routed as it runs, minus the GEMMs
     try:
         parts["check"] = timed(mod.routed, [x_ND, idx_NK, w_NK, counts_E], (0, 2))
@@ -361,7 +371,7 @@ def step_split(model_name: str, cfg_path: Path, corpus: str, tokenizer: Path, ar
 
     parts: dict[str, float] = defaultdict(float)
     for kind, mod, inp in calls:  # the MoE's shared expert is timed through its own MLP entry
-        for name, sec in (time_moe(mod, inp[0], timed) if kind == "moe" else {kind: timed(mod, inp, (0,))}).items():
+        for name, sec in (time_moe(mod, inp[0], timed, autocast) if kind == "moe" else {kind: timed(mod, inp, (0,))}).items():
             parts[name] += sec * accum * 1e3
     check = parts.pop("check", 0.0)
     parts["rest"] = full * 1e3 - sum(parts.values())
@@ -440,6 +450,10 @@ def main() -> None:
     ap.add_argument("--split-steps", type=int, default=6, help="trainer steps timed for the step-time split")
     ap.add_argument("--split-repeats", type=int, default=5, help="timings per component (the median is kept)")
     ap.add_argument("--no-split", action="store_true", help="skip the step-time split")
+    ap.add_argument("--equal-steps", action="store_true",
+                    help="after each pair, train the MoE again for the dense twin's step count (no time limit): "
+                         "the margin an MoE layer costing no more than the dense MLP would reach, the most any "
+                         "speed-up of the MoE can buy")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
     args = ap.parse_args()
     try:
@@ -475,6 +489,11 @@ def main() -> None:
     for corpus, budget, seed, model in run_plan(args.corpora, args.budgets, args.seeds):
         runs.append(run_one(args, corpus, budget, seed, model, args.out / f"{model}.config.json",
                             tokenizers[corpus], info))
+        pair = [r for r in runs[-2:] if (r["corpus"], r["budget"], r["seed"]) == (corpus, budget, seed)]
+        if args.equal_steps and len(pair) == 2:  # the pair is complete
+            dense_steps = next(r["steps"] for r in pair if r["model"] == "dense")
+            runs.append(run_one(args, corpus, budget, seed, EQUAL, args.out / "MoE.config.json", tokenizers[corpus],
+                                info, max_steps=dense_steps))
     rows = summarize(runs)
     warnings = [w for r in [*runs, *(split[m] for m in MODELS if split)] for w in r.get("warnings", [])]
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])

@@ -53,3 +53,46 @@ def test_summary_target_needs_every_seed():
     assert study.target_margin(1800) == 0.05
     text = study.markdown([row], None, ["busy"])
     assert "+0.0500 / +0.0200" in text and "no (>= 0.03" in text and "not quiet" in text
+    assert "--equal-steps" not in text  # no such runs, no such line
+
+
+def test_summary_reports_the_equal_step_bound_per_seed():
+    runs = [_run("MoE", 0, 2.10, 1000, [(1000, 2.10)]), _run("dense", 0, 2.05, 1200, [(1200, 2.05)]),
+            _run(study.EQUAL, 0, 2.03, 1200, [(1200, 2.03)]),
+            _run("MoE", 1, 2.10, 1000, [(1000, 2.10)]), _run("dense", 1, 2.06, 1200, [(1200, 2.06)])]
+    (row,) = study.summarize(runs)
+    assert row["margins"] == pytest.approx([-0.05, -0.04]) and row["equal_step_margins"] == pytest.approx([0.02])
+    assert "`--equal-steps`" in study.markdown([row], None, []) and "stdlib 10m +0.0200." in study.markdown([row], None, [])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_step_split_times_the_expert_layout_training_runs(bf16):
+    """time_moe times MoE.gather_rows / experts / combine_rows in the layout MoE.routed picks under
+    the same autocast: padded expert rows on a CPU in bf16, packed in fp32."""
+    import torch
+
+    from leanmoe.kernels.grouped_gemm import CPU_ONEDNN_ROW_ALIGN
+    from leanmoe.model.moe import MoE
+    from tests.util import micro_config
+
+    moe = MoE(micro_config(n_group=1, topk_group=1)).train()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+    calls = []
+
+    def timed(fn, inputs, grad_in, grad_out=(0,)):
+        calls.append(inputs)
+        return study.time_fwd_bwd(fn, inputs, grad_in, grad_out, 1, lambda: None)
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    parts = study.time_moe(moe, torch.randn(2, 9, 32), timed, autocast)
+    assert list(parts) == ["router", "dispatch-sort", "expert GEMMs", "combine", "check"]
+    assert all(sec > 0 for sec in parts.values())
+    (x_PD, offs_E), (_, _, row_M, _) = calls[2], calls[3]
+    assert int(offs_E[-1]) == x_PD.shape[0]
+    if bf16:
+        assert row_M is not None and torch.all(offs_E % CPU_ONEDNN_ROW_ALIGN == 0)
+        assert x_PD.shape[0] > 2 * 9 * moe.top_k  # the padding rows are timed too
+    else:
+        assert row_M is None and x_PD.shape[0] == 2 * 9 * moe.top_k

@@ -147,36 +147,46 @@ class MoE(nn.Module):
 
         Under expert parallelism, ids of -1 name experts held by other ranks: they are skipped,
         and n_copies (a host int, the number of ids >= 0, known from the dispatch) must be given."""
-        n, k = topk_idx_NK.shape
+        x_PD, offs_E, order_M, row_M = self.gather_rows(x_ND, topk_idx_NK, counts_E, n_copies)
+        return self.combine_rows(self.experts(x_PD, offs_E), order_M, row_M, topk_w_NK, partial=n_copies is not None)
+
+    def gather_rows(self, x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, counts_E: torch.Tensor,
+                    n_copies: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The experts' input, token copies sorted by expert: (x_PD, offs_E [E] int32 inclusive row
+        ends, order_M, row_M). Copy j is token j // K's slot j % K; order_M lists the copies by expert.
+
+        Packed (row_M None): row i of x_PD is copy order_M[i]. On a CPU in bf16/fp16 each expert's
+        rows are padded to a multiple of expert_row_alignment instead (DeepGEMM's aligned contiguous
+        layout: the grouped GEMMs then see few distinct shapes), and row_M [N*K] is each copy's row.
+        Padding rows read token 0 and their outputs are never read back: their gradients are exact
+        zeros, so they add nothing to the weights' or the input's gradients."""
+        k = topk_idx_NK.shape[1]
         flat_M = topk_idx_NK.reshape(-1)
         if n_copies is None:
             order_M = flat_M.argsort(stable=True)  # token copies grouped by expert
         else:  # ids of -1 sort last and are cut off
             order_M = torch.where(flat_M < 0, self.experts.n_experts, flat_M).argsort(stable=True)[:n_copies]
         align = expert_row_alignment(x_ND) if n_copies is None else 1
-        if align > 1:
-            return self.routed_aligned(x_ND, order_M, topk_idx_NK, topk_w_NK, counts_E, align)
-        y_MD = self.experts(x_ND.index_select(0, order_M // k), counts_E.cumsum(0, dtype=torch.int32))
-        return combine(y_MD, order_M, topk_w_NK, partial=n_copies is not None)
-
-    def routed_aligned(self, x_ND: torch.Tensor, order_M: torch.Tensor, topk_idx_NK: torch.Tensor,
-                       topk_w_NK: torch.Tensor, counts_E: torch.Tensor, align: int) -> torch.Tensor:
-        """`routed` with every expert's rows padded to a multiple of `align` (DeepGEMM's aligned
-        contiguous layout), so the grouped GEMMs see few distinct shapes (see expert_row_alignment).
-
-        Padding rows read token 0 and their outputs are never read back: their gradients are exact
-        zeros, so they add nothing to the weights' or the input's gradients."""
-        n, k = topk_idx_NK.shape
-        m = n * k
+        if align == 1:
+            return x_ND.index_select(0, order_M // k), counts_E.cumsum(0, dtype=torch.int32), order_M, None
         counts = counts_E.long()
         padded = (counts + align - 1) // align * align
         ends_pad = padded.cumsum(0)
         shift_E = (ends_pad - padded) - (counts.cumsum(0) - counts)  # padded start - packed start
-        pos_M = torch.arange(m, device=x_ND.device) + shift_E[topk_idx_NK.reshape(-1)[order_M]]
+        pos_M = torch.arange(flat_M.numel(), device=x_ND.device) + shift_E[flat_M[order_M]]
         m_pad = int(ends_pad[-1])  # host sync: the padded size
         src_P = torch.zeros(m_pad, dtype=torch.long, device=x_ND.device).index_copy_(0, pos_M, order_M // k)
-        y_PD = self.experts(x_ND.index_select(0, src_P), ends_pad.to(torch.int32))
         row_M = torch.empty_like(pos_M).index_copy_(0, order_M, pos_M)  # each copy's row, in token order
+        return x_ND.index_select(0, src_P), ends_pad.to(torch.int32), order_M, row_M
+
+    @staticmethod
+    def combine_rows(y_PD: torch.Tensor, order_M: torch.Tensor, row_M: torch.Tensor | None,
+                     topk_w_NK: torch.Tensor, partial: bool = False) -> torch.Tensor:
+        """The experts' output rows, in gather_rows's layout, back to their tokens: each token's
+        copies summed with its routing weights [N, K] -> [N, D]. partial: see `combine`."""
+        if row_M is None:
+            return combine(y_PD, order_M, topk_w_NK, partial=partial)
+        n, k = topk_w_NK.shape
         return weighted_sum(y_PD.index_select(0, row_M).view(n, k, -1), topk_w_NK)
 
     def routed_parallel(self, x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, topk_w_NK: torch.Tensor) -> torch.Tensor:

@@ -160,21 +160,28 @@ def test_router_is_fp32_and_bias_is_a_buffer():
     assert w.dtype == torch.float32 and s.dtype == torch.float32
 
 
-@pytest.mark.parametrize("align", [1, 4, 64])
-def test_aligned_expert_layout_equals_packed(align):
+@pytest.mark.parametrize("align", [3, 4, 64])
+def test_aligned_expert_layout_equals_packed(align, monkeypatch):
     """Experts' rows padded to a multiple of `align` (the CPU bf16 path): same output and gradients."""
+    from leanmoe.model import moe as moe_module
+
     moe = _moe(n_group=1, topk_group=1)
     x = torch.randn(3, 7, 32, requires_grad=True)
     x_ND = x.view(-1, 32)
     idx, w, _ = moe.gate(x_ND)
     w = w.detach().requires_grad_()  # a leaf: its gradient (through the weighted sum) is compared too
     counts = torch.bincount(idx.reshape(-1), minlength=moe.n_experts).to(torch.int32)
-    order = idx.reshape(-1).argsort(stable=True)
     g = torch.randn(x_ND.shape)
     results = []
-    for aligned in (False, True):
-        y = (moe.routed_aligned(x_ND, order, idx, w, counts, align) if aligned
-             else moe.routed(x_ND, idx, w, counts))
+    for a in (1, align):
+        monkeypatch.setattr(moe_module, "expert_row_alignment", lambda x: a)
+        x_PD, offs, order, row = moe.gather_rows(x_ND, idx, counts)
+        assert (row is None) == (a == 1)
+        if a > 1:  # every expert's rows padded to a multiple of a; each copy's row holds its token
+            ends = offs.long()
+            assert torch.all(torch.diff(ends, prepend=ends.new_zeros(1)) % a == 0)
+            torch.testing.assert_close(x_PD[row], x_ND.detach().repeat_interleave(idx.shape[1], 0))
+        y = moe.routed(x_ND, idx, w, counts)
         grads = torch.autograd.grad((y * g).sum(), [x, w] + list(moe.experts.parameters()))
         results.append((y, grads))
     (y0, g0), (y1, g1) = results
@@ -191,11 +198,12 @@ def test_bf16_autocast_on_cpu_pads_expert_rows_and_matches_reference(monkeypatch
         assert grouped_gemm.expert_row_alignment(torch.zeros(1)) == grouped_gemm.CPU_ONEDNN_ROW_ALIGN
     assert grouped_gemm.expert_row_alignment(torch.zeros(1, dtype=torch.bfloat16)) == grouped_gemm.CPU_ONEDNN_ROW_ALIGN
     moe = _moe(n_group=1, topk_group=1)
-    calls = []
-    real = MoE.routed_aligned
-    monkeypatch.setattr(MoE, "routed_aligned", lambda self, *a: calls.append(a[-1]) or real(self, *a))
+    row_ends = []
+    real = MoE.gather_rows
+    monkeypatch.setattr(MoE, "gather_rows", lambda self, *a: (r := real(self, *a), row_ends.append(r[1]))[0])
     x = torch.randn(2, 9, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, _ = moe(x)
-    assert calls == [grouped_gemm.CPU_ONEDNN_ROW_ALIGN]
+    assert len(row_ends) == 1 and int(row_ends[0][-1]) > 2 * 9 * moe.top_k  # padding rows were added
+    assert torch.all(row_ends[0] % grouped_gemm.CPU_ONEDNN_ROW_ALIGN == 0)
     torch.testing.assert_close(y.float(), _loop_reference(moe, x), atol=0.1, rtol=0.05)
