@@ -236,9 +236,10 @@ def read_curve(run_dir: Path) -> list[list[float]]:
 
 
 def run_one(args, corpus: str, budget: str, seed: int, model: str, cfg_path: Path, tokenizer: Path,
-            info: dict, max_steps: int | None = None) -> dict:
+            info: dict, max_steps: int | None = None, warmup_steps: int | None = None) -> dict:
     """One training run: `budget` of wall-clock, or max_steps steps (then no time limit; the
-    learning-rate schedule has the same shape, over steps instead of seconds)."""
+    learning-rate schedule has the same shape, over steps instead of seconds, given the timed
+    run's warmup_steps)."""
     run_dir = args.out / "runs" / slug(corpus) / slug(budget) / f"seed{seed}" / model
     done = run_dir / "study_result.json"
     if done.is_file() and args.resume_study:
@@ -248,7 +249,8 @@ def run_one(args, corpus: str, budget: str, seed: int, model: str, cfg_path: Pat
     load_before = settle(args.settle)
     print(f"[run] {corpus} {budget} seed {seed} {model}; load average {load_before[0]:.2f}", flush=True)
     tc = TrainConfig(config=str(cfg_path), data=corpus_spec(corpus), tokenizer=str(tokenizer), out=str(run_dir),
-                     time_budget=None if max_steps else parse_duration(budget), max_steps=max_steps, seed=seed, seq_len=args.seq_len, batch_size=args.batch_size,
+                     time_budget=None if max_steps else parse_duration(budget), max_steps=max_steps,
+                     warmup_steps=warmup_steps, seed=seed, seq_len=args.seq_len, batch_size=args.batch_size,
                      eval_interval=args.eval_interval, eval_batches=args.eval_batches, sample_tokens=0,
                      save_interval=10**9, keep_last=1, device=args.device, dtype=args.dtype,
                      progress=not args.no_progress)
@@ -260,7 +262,8 @@ def run_one(args, corpus: str, budget: str, seed: int, model: str, cfg_path: Pat
     rec = {"corpus": corpus, "budget": budget, "budget_s": parse_duration(budget), "seed": seed, "model": model,
            "steps": res.steps, "tokens": res.tokens, "tokens_per_second": res.tokens_per_second,
            "elapsed": res.elapsed, "val_bpb": res.val_bpb, "val_loss": res.val_loss, "interrupted": res.interrupted,
-           "batch": [trainer.tc.batch_size, trainer.tc.seq_len], "lr": trainer.tc.lr, "dtype": trainer.tc.dtype,
+           "batch": [trainer.tc.batch_size, trainer.tc.seq_len], "lr": trainer.tc.lr,
+           "warmup_steps": trainer.tc.warmup_steps, "dtype": trainer.tc.dtype,
            "load_before": load_before, "load_after": load_after, "warnings": warns, "run_dir": str(run_dir),
            "date": dt.datetime.now().isoformat(timespec="seconds"), **info, "curve": read_curve(run_dir)}
     if res.interrupted:
@@ -491,9 +494,9 @@ def main() -> None:
                             tokenizers[corpus], info))
         pair = [r for r in runs[-2:] if (r["corpus"], r["budget"], r["seed"]) == (corpus, budget, seed)]
         if args.equal_steps and len(pair) == 2:  # the pair is complete
-            dense_steps = next(r["steps"] for r in pair if r["model"] == "dense")
+            dense = next(r for r in pair if r["model"] == "dense")
             runs.append(run_one(args, corpus, budget, seed, EQUAL, args.out / "MoE.config.json", tokenizers[corpus],
-                                info, max_steps=dense_steps))
+                                info, max_steps=dense["steps"], warmup_steps=dense.get("warmup_steps")))
     rows = summarize(runs)
     warnings = [w for r in [*runs, *(split[m] for m in MODELS if split)] for w in r.get("warnings", [])]
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
