@@ -49,6 +49,7 @@ from leanmoe.train.config import parse_duration
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("MoE", "dense")
 EQUAL = "MoE@dense-steps"  # --equal-steps: the MoE trained for as many steps as the dense twin took
+TIMED_WARMUP = 50  # the trainer's warmup steps for a time-budget run (leanmoe/train/config.py), for old records
 BUSY = 0.5 * (os.cpu_count() or 1)  # a 1-minute load average above this: the machine is not quiet
 
 
@@ -132,8 +133,8 @@ def summarize(runs: list[dict]) -> list[dict]:
         need, margins = target_margin(moe[0]["budget_s"]), [d["val_bpb"] - m["val_bpb"] for _, m, d in pairs]
         longer = {s: [r for (c, _, s2, m), r in by.items() if (c, s2, m) == (corpus, s, "dense")
                       and r["budget_s"] > moe[0]["budget_s"]] for s, _, _ in pairs}
-        equal = [d["val_bpb"] - by[corpus, budget, s, EQUAL]["val_bpb"] for s, _, d in pairs
-                 if (corpus, budget, s, EQUAL) in by]
+        equal = [[s, d["val_bpb"] - by[corpus, budget, s, EQUAL]["val_bpb"]] for s, _, d in pairs
+                 if (corpus, budget, s, EQUAL) in by]  # [seed, margin]
         rows.append({"corpus": corpus, "budget": budget, "seeds": [p[0] for p in pairs], "equal_step_margins": equal,
                      "moe_bpb": [m["val_bpb"] for m in moe], "dense_bpb": [d["val_bpb"] for d in dense],
                      "margins": margins, "moe_tps": mean(m["tokens_per_second"] for m in moe),
@@ -156,8 +157,8 @@ def markdown(rows: list[dict], split: dict | None, warnings: list[str]) -> str:
     if bounds:
         out += ["", "The MoE trained for as many steps as the dense twin took in its budget (`--equal-steps`: what "
                 "an MoE layer costing no more than the dense MLP would reach, the most a faster MoE can buy), "
-                "dense - MoE per seed: " + "; ".join(f"{r['corpus']} {r['budget']} " + " / ".join(
-                    f"{x:+.4f}" for x in r["equal_step_margins"]) for r in bounds) + "."]
+                "dense - MoE: " + "; ".join(f"{r['corpus']} {r['budget']} " + ", ".join(
+                    f"seed {s} {x:+.4f}" for s, x in r["equal_step_margins"]) for r in bounds) + "."]
     if split:
         out += ["", (f"Step-time split, ms per optimizer step (batch {split['batch']}), from isolated-component "
                      "timing: each component's forward + backward run alone on the inputs it received in one "
@@ -243,13 +244,15 @@ def run_one(args, corpus: str, budget: str, seed: int, model: str, cfg_path: Pat
     run_dir = args.out / "runs" / slug(corpus) / slug(budget) / f"seed{seed}" / model
     done = run_dir / "study_result.json"
     if done.is_file() and args.resume_study:
-        print(f"[skip] {corpus} {budget} seed {seed} {model}: finished in {run_dir}", flush=True)
-        return json.loads(done.read_text())
+        rec = json.loads(done.read_text())
+        if max_steps is None or (rec["steps"], rec.get("warmup_steps")) == (max_steps, warmup_steps):
+            print(f"[skip] {corpus} {budget} seed {seed} {model}: finished in {run_dir}", flush=True)
+            return rec
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over: its clock cannot be resumed fairly
     load_before = settle(args.settle)
     print(f"[run] {corpus} {budget} seed {seed} {model}; load average {load_before[0]:.2f}", flush=True)
     tc = TrainConfig(config=str(cfg_path), data=corpus_spec(corpus), tokenizer=str(tokenizer), out=str(run_dir),
-                     time_budget=None if max_steps else parse_duration(budget), max_steps=max_steps,
+                     time_budget=None if max_steps is not None else parse_duration(budget), max_steps=max_steps,
                      warmup_steps=warmup_steps, seed=seed, seq_len=args.seq_len, batch_size=args.batch_size,
                      eval_interval=args.eval_interval, eval_batches=args.eval_batches, sample_tokens=0,
                      save_interval=10**9, keep_last=1, device=args.device, dtype=args.dtype,
@@ -493,10 +496,10 @@ def main() -> None:
         runs.append(run_one(args, corpus, budget, seed, model, args.out / f"{model}.config.json",
                             tokenizers[corpus], info))
         pair = [r for r in runs[-2:] if (r["corpus"], r["budget"], r["seed"]) == (corpus, budget, seed)]
-        if args.equal_steps and len(pair) == 2:  # the pair is complete
+        if args.equal_steps and {r["model"] for r in pair} == set(MODELS):  # the pair is complete
             dense = next(r for r in pair if r["model"] == "dense")
             runs.append(run_one(args, corpus, budget, seed, EQUAL, args.out / "MoE.config.json", tokenizers[corpus],
-                                info, max_steps=dense["steps"], warmup_steps=dense.get("warmup_steps")))
+                                info, max_steps=dense["steps"], warmup_steps=dense.get("warmup_steps", TIMED_WARMUP)))
     rows = summarize(runs)
     warnings = [w for r in [*runs, *(split[m] for m in MODELS if split)] for w in r.get("warnings", [])]
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])

@@ -61,8 +61,11 @@ def test_summary_reports_the_equal_step_bound_per_seed():
             _run(study.EQUAL, 0, 2.03, 1200, [(1200, 2.03)]),
             _run("MoE", 1, 2.10, 1000, [(1000, 2.10)]), _run("dense", 1, 2.06, 1200, [(1200, 2.06)])]
     (row,) = study.summarize(runs)
-    assert row["margins"] == pytest.approx([-0.05, -0.04]) and row["equal_step_margins"] == pytest.approx([0.02])
-    assert "`--equal-steps`" in study.markdown([row], None, []) and "stdlib 10m +0.0200." in study.markdown([row], None, [])
+    assert row["margins"] == pytest.approx([-0.05, -0.04])
+    ((seed, margin),) = row["equal_step_margins"]  # seed 1 has no step-count run
+    assert seed == 0 and margin == pytest.approx(0.02)
+    text = study.markdown([row], None, [])
+    assert "`--equal-steps`" in text and "stdlib 10m seed 0 +0.0200." in text
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -79,18 +82,19 @@ def test_step_split_times_the_expert_layout_training_runs(bf16):
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.3)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     calls = []
 
-    def timed(fn, inputs, grad_in, grad_out=(0,)):
-        calls.append(inputs)
-        return study.time_fwd_bwd(fn, inputs, grad_in, grad_out, 1, lambda: None)
+    def timed(fn, inputs, grad_in, grad_out=(0,)):  # as step_split's: under the trainer's autocast
+        with autocast:
+            calls.append((inputs, fn(*inputs)))
+            return study.time_fwd_bwd(fn, inputs, grad_in, grad_out, 1, lambda: None)
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     parts = study.time_moe(moe, torch.randn(2, 9, 32), timed, autocast)
     assert list(parts) == ["router", "dispatch-sort", "expert GEMMs", "combine", "check"]
-    assert all(sec > 0 for sec in parts.values())
-    (x_PD, offs_E), (_, _, row_M, _) = calls[2], calls[3]
-    assert int(offs_E[-1]) == x_PD.shape[0]
+    (_, dispatched), ((x_PD, offs_E), _), ((_, _, row_M, _), combined) = calls[1:4]
+    assert torch.equal(dispatched[1], offs_E) and dispatched[0].shape == x_PD.shape  # the layout the GEMMs got
+    assert int(offs_E[-1]) == x_PD.shape[0] and combined.shape == (2 * 9, 32)
     if bf16:
         assert row_M is not None and torch.all(offs_E % CPU_ONEDNN_ROW_ALIGN == 0)
         assert x_PD.shape[0] > 2 * 9 * moe.top_k  # the padding rows are timed too

@@ -186,6 +186,7 @@ class MoE(nn.Module):
         copies summed with its routing weights [N, K] -> [N, D]. partial: see `combine`."""
         if row_M is None:
             return combine(y_PD, order_M, topk_w_NK, partial=partial)
+        assert not partial, "gather_rows pads only when every copy is here"
         n, k = topk_w_NK.shape
         return weighted_sum(y_PD.index_select(0, row_M).view(n, k, -1), topk_w_NK)
 
