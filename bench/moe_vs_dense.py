@@ -44,12 +44,11 @@ import torch
 
 from leanmoe import ModelConfig
 from leanmoe.train import TrainConfig, Trainer
-from leanmoe.train.config import parse_duration
+from leanmoe.train.config import TIME_BUDGET_WARMUP_STEPS, parse_duration
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("MoE", "dense")
 EQUAL = "MoE@dense-steps"  # --equal-steps: the MoE trained for as many steps as the dense twin took
-TIMED_WARMUP = 50  # the trainer's warmup steps for a time-budget run (leanmoe/train/config.py), for old records
 BUSY = 0.5 * (os.cpu_count() or 1)  # a 1-minute load average above this: the machine is not quiet
 
 
@@ -498,8 +497,9 @@ def main() -> None:
         pair = [r for r in runs[-2:] if (r["corpus"], r["budget"], r["seed"]) == (corpus, budget, seed)]
         if args.equal_steps and {r["model"] for r in pair} == set(MODELS):  # the pair is complete
             dense = next(r for r in pair if r["model"] == "dense")
+            warmup = dense.get("warmup_steps", TIME_BUDGET_WARMUP_STEPS)  # records before this key ran timed
             runs.append(run_one(args, corpus, budget, seed, EQUAL, args.out / "MoE.config.json", tokenizers[corpus],
-                                info, max_steps=dense["steps"], warmup_steps=dense.get("warmup_steps", TIMED_WARMUP)))
+                                info, max_steps=dense["steps"], warmup_steps=warmup))
     rows = summarize(runs)
     warnings = [w for r in [*runs, *(split[m] for m in MODELS if split)] for w in r.get("warnings", [])]
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 __all__ = ["TrainConfig", "TrainingError", "parse_duration"]
 
 
+# warmup steps when the budget is wall-clock (a step budget warms up over 5% of its steps)
+TIME_BUDGET_WARMUP_STEPS = 50
+
+
 class TrainingError(RuntimeError):
     """A run cannot continue; the message says why and what to change. Checkpoints are kept."""
 
@@ -129,7 +133,8 @@ class TrainConfig:
         if not tc.budget_given():
             tc.time_budget = 600.0
         if tc.warmup_steps is None:
-            tc.warmup_steps = max(1, min(100, int(0.05 * tc.max_steps))) if tc.max_steps else 50
+            tc.warmup_steps = (max(1, min(100, int(0.05 * tc.max_steps))) if tc.max_steps
+                               else TIME_BUDGET_WARMUP_STEPS)
         if tc.eval_interval is None:
             tc.eval_interval = max(1, min(100, tc.max_steps // 5)) if tc.max_steps else 100
         if tc.save_interval is None:
