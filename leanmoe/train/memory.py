@@ -6,13 +6,16 @@ it was calibrated against the peak GPU memory the training report records."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
 from pathlib import Path
 
 import torch
 
 from leanmoe.config import ModelConfig
 
-__all__ = ["estimate_step_memory", "available_memory", "largest_fitting_micro_batch"]
+__all__ = ["estimate_step_memory", "available_memory", "largest_fitting_micro_batch", "retain_cpu_heap"]
 
 HEADROOM = 0.9  # plan for at most this share of the free memory
 
@@ -55,3 +58,43 @@ def largest_fitting_micro_batch(cfg: ModelConfig, per_rank_batch: int, below: in
     fits = [d for d in range(1, below) if per_rank_batch % d == 0
             and estimate_step_memory(cfg, d, seq_len, world_size=world_size) <= HEADROOM * free]
     return max(fits) if fits else None
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+# NOTE: by default glibc serves each block above an adaptive threshold (at most 32 MB) with a fresh
+# mmap, and hands the top of its heap back to the kernel once enough of it is free. A training step
+# frees and re-allocates the same large activations every step, so they come back as fresh pages
+# the kernel must fault in and zero: ~150,000 page faults a step for `tiny` in bf16 on the CPU (16 x
+# 256 tokens). Kept, they are reused, and the faults stop after the first steps (bench/cpu_heap.py,
+# docs/benchmarks.md).
+_ALLOCATOR_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def retain_cpu_heap() -> str:
+    """Keep memory the process frees for reuse instead of returning it to the kernel (glibc's
+    `mallopt`: no mmap for large blocks, no trimming of the heap), so a training loop on the CPU
+    stops paying page faults for the same activations every step. The process then holds its
+    peak memory until it exits, as a GPU caching allocator does.
+
+    Leaves the allocator alone where the user chose one (LD_PRELOAD, MALLOC_* or a glibc.malloc
+    tunable set), where LEANMOE_CPU_HEAP=system, and off glibc. Returns what it did, in words."""
+    choice = os.environ.get("LEANMOE_CPU_HEAP", "retain")
+    if choice not in ("retain", "system"):
+        raise ValueError(f"LEANMOE_CPU_HEAP={choice!r}: expected 'retain' (the default) or 'system'")
+    if choice == "system":
+        return "system allocator (LEANMOE_CPU_HEAP=system)"
+    chosen = [k for k in _ALLOCATOR_SETTINGS if k in os.environ]
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        chosen.append("GLIBC_TUNABLES")
+    if os.environ.get("LD_PRELOAD"):
+        chosen.append("LD_PRELOAD")
+    if chosen:
+        return f"allocator left as set ({', '.join(chosen)})"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "system allocator (not glibc)"
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
+        return "system allocator (mallopt refused)"
+    return "freed memory kept for reuse"

@@ -51,7 +51,7 @@ from leanmoe.train.config import TrainConfig, TrainingError
 from leanmoe.train.cost import find_gpu
 from leanmoe.train.data import prepare_data
 from leanmoe.train.evaluate import evaluate
-from leanmoe.train.memory import available_memory
+from leanmoe.train.memory import available_memory, retain_cpu_heap
 from leanmoe.train.optim import build_optimizer, lr_at
 from leanmoe.train.report import ProgressDisplay, RunSummary, TrainResult, device_name, fmt_eta, write_report
 from leanmoe.train.run_checkpoint import (latest_checkpoint, latest_intact_checkpoint, load_checkpoint,
@@ -100,6 +100,7 @@ class Trainer:
         self._compile_explicit = tc.compile == "on"  # --compile on, not the GPU default
         self._mfu_per_tps: float | None = None  # MFU of 1 token/s (None on CPU/MPS: no peak to compare)
         self._created_run_dir = False
+        self.cpu_heap: str | None = None  # what retain_cpu_heap() did (CPU runs)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -110,6 +111,11 @@ class Trainer:
         except ValueError as e:
             raise TrainingError(str(e)) from e
         self.device = world.device
+        if self.device.type == "cpu":  # same activations every step: keep their pages (see retain_cpu_heap)
+            try:
+                self.cpu_heap = retain_cpu_heap()
+            except ValueError as e:
+                raise TrainingError(str(e)) from e
         self.display.enabled, self.display.rank0 = tc.progress and world.is_rank0, world.is_rank0
         self.run_dir = run_dir = Path(world.rank0_value(
             lambda: str(self._choose_run_dir()), TrainingError("rank 0 could not use the run folder (its error is above)")))
@@ -452,8 +458,9 @@ class Trainer:
         tc, world = self.tc, self.world
         accum = tc.batch_size // (tc.micro_batch_size * world.size)
         self.display.say(f"run folder {self.run_dir}; model: {self.cfg.summary().splitlines()[1]}")
+        heap = f" ({self.cpu_heap})" if self.cpu_heap else ""
         self.display.say(
-            f"device {self.device}, dtype {tc.dtype}, batch {tc.batch_size} x {tc.seq_len} tokens ({accum} micro-batches"
+            f"device {self.device}{heap}, dtype {tc.dtype}, batch {tc.batch_size} x {tc.seq_len} tokens ({accum} micro-batches"
             + (f" on each of {world.size} processes" if world.distributed else "") + f"), lr {tc.lr}, budget: "
             + ", ".join(f"{k}={v}" for k, v in (("steps", tc.max_steps), ("tokens", tc.max_tokens),
                                                 ("seconds", tc.time_budget)) if v))
