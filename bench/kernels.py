@@ -18,6 +18,7 @@ describe the CPU reference path, not the kernels.
     python bench/kernels.py --sweep    # GPU: time alternative tile configurations first
     python bench/kernels.py --only mla-cpu   # the CPU decode attention: C kernel vs torch path vs SDPA
     python bench/kernels.py --only experts-cpu   # the CPU experts' MLP: C kernel vs grouped GEMMs
+    python bench/kernels.py --only rows-cpu      # the MoE's bf16 gather + combine in training: C kernels vs torch
     python bench/kernels.py --only crossover     # GPU: FP8 GEMM backends from 16 to 2048 rows, `small`'s experts
 
 Every timed kernel output is first compared with the same call's reference (FP8 GEMMs: DeepGEMM's
@@ -62,6 +63,8 @@ CPU_KERNEL_MLA = [(1, 1, 4, 128, 16), (16, 1, 4, 128, 16), (16, 2, 4, 128, 16), 
 # (top-2), the `tiny` preset (32 experts, top-4) at batch 16 and 64, and past the threshold
 CPU_KERNEL_EXPERTS = [(8, 256, 128, 2), (8, 256, 128, 32), (8, 256, 128, 128), (8, 256, 128, 256),
                       (32, 256, 64, 64), (32, 256, 64, 256), (32, 256, 64, 512), (32, 256, 64, 1024)]
+# (N tokens, K copies, D hidden, E experts): `tiny`'s training batch (16 x 256 tokens), half and twice it
+CPU_KERNEL_ROWS = [(4096, 4, 256, 32), (2048, 4, 256, 32), (8192, 4, 256, 32)]
 
 
 def timer(fn, cuda: bool) -> float:
@@ -312,6 +315,89 @@ def bench_experts_cpu(shapes, rounds: int = 3) -> None:
           ["shape", "C kernel", "grouped GEMMs", "vs grouped"], rows)
 
 
+def bench_rows_cpu(shapes, rounds: int = 3) -> None:
+    """The MoE's padded token-copy rows in bf16 training on the CPU: the gather into expert order and
+    the weighted combine back, forward and backward, by leanmoe's C kernels (leanmoe.kernels.moe_rows,
+    the default) against the torch ops they replaced (cast, index_select, product and sum; index_add
+    in the backward). Tokens routed at random, each expert's rows padded to CPU_ONEDNN_ROW_ALIGN."""
+    from leanmoe.kernels import moe_rows
+    from leanmoe.kernels.cpu_kernels import status
+    from leanmoe.kernels.grouped_gemm import CPU_ONEDNN_ROW_ALIGN as align
+
+    print(f"\nC kernel: {status()}; {torch.get_num_threads()} threads")
+    rows = []
+    for n, k, d, e in shapes:
+        flat = torch.randint(0, e, (n * k,))  # copy t * k + j goes to expert flat[t * k + j]
+        counts = torch.bincount(flat, minlength=e)
+        padded = (counts + align - 1) // align * align
+        starts = padded.cumsum(0) - padded
+        order = flat.argsort(stable=True)  # copies grouped by expert, as MoE.gather_rows does
+        ids = flat[order]
+        row = torch.empty(n * k, dtype=torch.long)
+        row[order] = starts[ids] + torch.arange(n * k) - (counts.cumsum(0) - counts)[ids]
+        src = torch.zeros(int(padded.sum()), dtype=torch.long).index_copy_(0, row, torch.arange(n * k) // k)
+        x, w = torch.randn(n, d, requires_grad=True), torch.rand(n, k, requires_grad=True)
+        g = torch.randn(n, d).bfloat16()
+
+        def kernel():
+            moe_rows.combine_rows(moe_rows.gather_rows(x, src, row, k), row, w).backward(g)
+
+        def reference():
+            moe_rows.combine_rows_reference(moe_rows.gather_rows_reference(x, src), row, w).backward(g)
+
+        out = moe_rows.combine_rows(moe_rows.gather_rows(x, src, row, k), row, w).float()
+        ref = moe_rows.combine_rows_reference(moe_rows.gather_rows_reference(x, src), row, w).float()
+        verify(f"rows N={n} K={k} D={d}", ((out - ref).norm() / ref.norm()).item(), 1e-2)
+        t = alternate({"C kernels": kernel, "torch": reference}, rounds)
+        rows.append([f"N={n} K={k} D={d} E={e} (P={len(src)})", f"{t['C kernels'] * 1e3:.2f}",
+                     f"{t['torch'] * 1e3:.2f}", f"{t['torch'] / t['C kernels']:.2f}x"])
+    table("MoE gather + combine, forward and backward, bf16 on the CPU, ms per call",
+          ["shape", "C kernels", "torch ops", "vs torch"], rows)
+    step_rows_cpu(rounds=8)
+
+
+def step_rows_cpu(rounds: int) -> None:
+    """Whole bf16 training steps of `tiny` (16 x 256 random tokens, AdamW, router-bias update; the
+    trainer's retained CPU heap), alternating step by step between the C kernels and the torch rows."""
+    from leanmoe import ModelConfig, Transformer
+    from leanmoe.kernels import moe_rows
+    from leanmoe.train.memory import retain_cpu_heap
+    from leanmoe.train.optim import build_optimizer
+
+    heap = retain_cpu_heap()
+    cfg = ModelConfig.from_preset("tiny")
+    model = Transformer(cfg).train()
+    opt = build_optimizer(model, 1e-3)
+    ids = torch.randint(0, cfg.vocab_size, (16, 257))
+    kernels = moe_rows.rows_kernels_apply
+    variants = {"C kernels": kernels, "torch ops": lambda t: False}
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.compute_loss(ids[:, :-1], ids[:, 1:]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_router_bias()
+
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    try:
+        for r in range(rounds + 2):  # two warm-up rounds
+            for name, apply in variants.items():
+                moe_rows.rows_kernels_apply = apply
+                t = time.perf_counter()
+                step()
+                if r >= 2:
+                    times[name].append(time.perf_counter() - t)
+    finally:
+        moe_rows.rows_kernels_apply = kernels
+    ratio = [b / a for a, b in zip(times["C kernels"], times["torch ops"])]
+    print(f"tiny bf16 training step ({heap}), ms, {rounds} alternating rounds:")
+    for name, ts in times.items():
+        print(f"  {name:10s} median {statistics.median(ts) * 1e3:6.0f}  ({' '.join(f'{t * 1e3:.0f}' for t in ts)})")
+    print(f"  speed-up of the C kernels: {statistics.median(ratio):.3f}x (per round {min(ratio):.3f}-{max(ratio):.3f})")
+
+
 # --sweep: tile configurations tried on a GPU (block_m, block_n, num_warps, num_stages) for the FP8
 # GEMM and (rows per program, keys per step, num_warps, num_stages) for MLA decode; the first is
 # the library default.
@@ -415,7 +501,7 @@ def sweep_mla(dev: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["dense", "grouped", "mla", "mla-cpu", "experts-cpu", "crossover"],
+    p.add_argument("--only", choices=["dense", "grouped", "mla", "mla-cpu", "experts-cpu", "rows-cpu", "crossover"],
                    help="run one group")
     p.add_argument("--quick", action="store_true", help="first few shapes only")
     p.add_argument("--sweep", nargs="?", const="all", choices=["all", "gemm", "mla"],
@@ -444,6 +530,8 @@ def main() -> None:
         bench_mla_cpu(cut(CPU_KERNEL_MLA))
     if args.only == "experts-cpu" or (args.only is None and not cuda):
         bench_experts_cpu(cut(CPU_KERNEL_EXPERTS))
+    if args.only == "rows-cpu" or (args.only is None and not cuda):
+        bench_rows_cpu(cut(CPU_KERNEL_ROWS))
 
 
 if __name__ == "__main__":

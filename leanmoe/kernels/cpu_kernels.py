@@ -1,6 +1,6 @@
 """leanmoe's C kernels for CPUs: compiled on first use with the system C compiler, loaded with ctypes.
 
-The sources (`cpu_mla.c`, `cpu_moe.c` next to this file) are plain C11 with OpenMP; they are built with
+The sources (`cpu_mla.c`, `cpu_moe.c`, `cpu_rows.c` next to this file) are plain C11 with OpenMP; they are built with
 `-O3 -march=native -fopenmp` into ~/.cache/leanmoe/kernels (or $LEANMOE_CACHE/kernels), under a name
 that hashes the sources, the flags, the compiler and this CPU's feature flags, so a rebuilt source, a
 new compiler or another CPU sharing the home folder gets its own library. A build takes about a
@@ -28,7 +28,7 @@ from pathlib import Path
 
 __all__ = ["library", "status", "FLAGS"]
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_mla.c", "cpu_moe.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_mla.c", "cpu_moe.c", "cpu_rows.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC"]
 _status = "not loaded yet"
 
@@ -89,6 +89,12 @@ def library() -> ctypes.CDLL | None:
     fn = lib.leanmoe_expert_mlp_f32
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
+    P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    for name, args in (("leanmoe_gather_rows_bf16", [P, I, P, I64, I64, I, P, I]),
+                       ("leanmoe_sum_rows_bf16", [P, P, P, I64, I, I, I64, P, I, I]),
+                       ("leanmoe_combine_backward_bf16", [P, P, P, P, I64, I, I, I64, P, P, I])):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = ctypes.c_int, args
     _status = f"on ({cc}, {' '.join(FLAGS[:3])})"
     return lib
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanmoe.config import ModelConfig
+from leanmoe.kernels import moe_rows
 from leanmoe.kernels.grouped_gemm import expert_mlp, expert_row_alignment
 from leanmoe.model.layers import MLP
 
@@ -159,7 +160,8 @@ class MoE(nn.Module):
         rows are padded to a multiple of expert_row_alignment instead (DeepGEMM's aligned contiguous
         layout: the grouped GEMMs then see few distinct shapes), and row_M [N*K] is each copy's row.
         Padding rows read token 0 and their outputs are never read back: their gradients are exact
-        zeros, so they add nothing to the weights' or the input's gradients."""
+        zeros, so they add nothing to the weights' or the input's gradients. In bf16 the padded gather
+        and combine_rows run C kernels (leanmoe.kernels.moe_rows) where they are built."""
         k = topk_idx_NK.shape[1]
         flat_M = topk_idx_NK.reshape(-1)
         if n_copies is None:
@@ -177,7 +179,11 @@ class MoE(nn.Module):
         m_pad = int(ends_pad[-1])  # host sync: the padded size
         src_P = torch.zeros(m_pad, dtype=torch.long, device=x_ND.device).index_copy_(0, pos_M, order_M // k)
         row_M = torch.empty_like(pos_M).index_copy_(0, order_M, pos_M)  # each copy's row, in token order
-        return x_ND.index_select(0, src_P), ends_pad.to(torch.int32), order_M, row_M
+        if moe_rows.rows_kernels_apply(x_ND):  # bf16: cast and gather in one pass, a gather-sum backward
+            x_PD = moe_rows.gather_rows(x_ND, src_P, row_M, k)
+        else:
+            x_PD = x_ND.index_select(0, src_P)
+        return x_PD, ends_pad.to(torch.int32), order_M, row_M
 
     @staticmethod
     def combine_rows(y_PD: torch.Tensor, order_M: torch.Tensor, row_M: torch.Tensor | None,
@@ -187,6 +193,8 @@ class MoE(nn.Module):
         if row_M is None:
             return combine(y_PD, order_M, topk_w_NK, partial=partial)
         assert not partial, "gather_rows pads only when every copy is here"
+        if y_PD.dtype == torch.bfloat16 and moe_rows.rows_kernels_apply(y_PD):
+            return moe_rows.combine_rows(y_PD, row_M, topk_w_NK)
         n, k = topk_w_NK.shape
         return weighted_sum(y_PD.index_select(0, row_M).view(n, k, -1), topk_w_NK)
 

@@ -207,3 +207,29 @@ def test_bf16_autocast_on_cpu_pads_expert_rows_and_matches_reference(monkeypatch
     assert len(row_ends) == 1 and int(row_ends[0][-1]) > 2 * 9 * moe.top_k  # padding rows were added
     assert torch.all(row_ends[0] % grouped_gemm.CPU_ONEDNN_ROW_ALIGN == 0)
     torch.testing.assert_close(y.float(), _loop_reference(moe, x), atol=0.1, rtol=0.05)
+
+
+def test_bf16_rows_kernels_match_the_torch_rows_in_a_training_step(monkeypatch):
+    """The padded bf16 path's gather and combine by the C kernels (leanmoe.kernels.moe_rows) and by
+    torch: the same output and gradients, up to bf16 rounding."""
+    from leanmoe.kernels import moe_rows
+
+    moe = _moe(n_group=1, topk_group=1)
+    x = torch.randn(2, 40, 32)
+    g = torch.randn(2, 40, 32)
+    results = []
+    for kernels in (True, False):
+        monkeypatch.setattr(moe_rows, "rows_kernels_apply", lambda t, on=kernels: on)
+        calls = []
+        real = moe_rows.combine_rows
+        monkeypatch.setattr(moe_rows, "combine_rows", lambda *a: (calls.append(1), real(*a))[1])
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = moe(xi)
+        grads = torch.autograd.grad((y.float() * g).sum(), [xi, moe.gate.weight] + list(moe.experts.parameters()))
+        assert len(calls) == int(kernels)
+        results.append((y.float(), grads))
+    (y1, g1), (y0, g0) = results
+    torch.testing.assert_close(y1, y0, atol=0.02 * y0.abs().max().item(), rtol=0.05)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=0.02 * b.abs().max().item(), rtol=0.05)
