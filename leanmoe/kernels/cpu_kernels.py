@@ -1,11 +1,12 @@
 """leanmoe's C kernels for CPUs: compiled on first use with the system C compiler, loaded with ctypes.
 
-The sources (`cpu_mla.c`, `cpu_moe.c`, `cpu_rows.c` next to this file) are plain C11 with OpenMP; they are built with
-`-O3 -march=native -fopenmp` into ~/.cache/leanmoe/kernels (or $LEANMOE_CACHE/kernels), under a name
-that hashes the sources, the flags, the compiler and this CPU's feature flags, so a rebuilt source, a
-new compiler or another CPU sharing the home folder gets its own library. A build takes about a
-second. ctypes releases the interpreter lock for the call, and the library shares torch's OpenMP
-runtime (the same libgomp.so.1 soname), so its threads are torch's threads.
+The sources (`cpu_mla.c`, `cpu_moe.c`, `cpu_rows.c` next to this file) are plain C11 with OpenMP;
+they are built with `-O3 -march=native -fopenmp` into ~/.cache/leanmoe/kernels (or
+$LEANMOE_CACHE/kernels), under a name that hashes the sources, the flags, the compiler and this
+CPU's feature flags, so a rebuilt source, a new compiler or another CPU sharing the home folder gets
+its own library. A build takes about a second. ctypes releases the interpreter lock for the call,
+and the library shares torch's OpenMP runtime (the same libgomp.so.1 soname), so its threads are
+torch's threads.
 
 Why not torch.utils.cpp_extension: its headers take a minute to compile on a laptop, on every new
 machine and every torch upgrade; these kernels need only pointers.

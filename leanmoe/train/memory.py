@@ -2,7 +2,8 @@
 that fits: the memory side of what a run costs (leanmoe.train.cost is the time and money side).
 
 The estimate is deliberately generous, so a default that passes it does not run out of memory;
-it was calibrated against the peak GPU memory the training report records."""
+it was calibrated against the peak GPU memory the training report records. `retain_cpu_heap` is
+the CPU allocator setting the trainer applies (freed memory kept for reuse)."""
 
 from __future__ import annotations
 
@@ -77,8 +78,8 @@ def retain_cpu_heap() -> str:
     stops paying page faults for the same activations every step. The process then holds its
     peak memory until it exits, as a GPU caching allocator does.
 
-    Leaves the allocator alone where the user chose one (LD_PRELOAD, MALLOC_* or a glibc.malloc
-    tunable set), where LEANMOE_CPU_HEAP=system, and off glibc. Returns what it did, in words."""
+    Leaves the allocator alone where the user chose one (LD_PRELOAD, one of _ALLOCATOR_SETTINGS or a
+    glibc.malloc tunable set), where LEANMOE_CPU_HEAP=system, and off glibc. Returns what it did, in words."""
     choice = os.environ.get("LEANMOE_CPU_HEAP", "retain")
     if choice not in ("retain", "system"):
         raise ValueError(f"LEANMOE_CPU_HEAP={choice!r}: expected 'retain' (the default) or 'system'")
