@@ -29,15 +29,15 @@ from pathlib import Path
 SETTINGS = ("system", "retain")
 
 
-def worker(model: str, dtype: str, steps: int, batch: int, seq_len: int) -> dict:
-    """Runs in a fresh process whose LEANMOE_CPU_HEAP is already set."""
+def training_step(model: str = "MoE", dtype: str = "bf16", batch: int = 16, seq_len: int = 256):
+    """A full training step of `tiny` (model "MoE") or its dense twin on fixed random tokens, as the
+    trainer takes it: forward under its autocast, backward, clipping, AdamW, router-bias update.
+    Returns the step function (no arguments)."""
     import torch
 
     from leanmoe import ModelConfig, Transformer
-    from leanmoe.train.memory import retain_cpu_heap
     from leanmoe.train.optim import build_optimizer
 
-    heap = retain_cpu_heap()
     sys.path.insert(0, str(Path(__file__).parent))
     from moe_vs_dense import dense_equivalent
 
@@ -57,6 +57,16 @@ def worker(model: str, dtype: str, steps: int, batch: int, seq_len: int) -> dict
         opt.step()
         opt.zero_grad(set_to_none=True)
         m.update_router_bias()
+
+    return step
+
+
+def worker(model: str, dtype: str, steps: int, batch: int, seq_len: int) -> dict:
+    """Runs in a fresh process whose LEANMOE_CPU_HEAP is already set."""
+    from leanmoe.train.memory import retain_cpu_heap
+
+    heap = retain_cpu_heap()
+    step = training_step(model, dtype, batch, seq_len)
 
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -323,19 +323,13 @@ def bench_rows_cpu(shapes, rounds: int = 3) -> None:
     from leanmoe.kernels import moe_rows
     from leanmoe.kernels.cpu_kernels import status
     from leanmoe.kernels.grouped_gemm import CPU_ONEDNN_ROW_ALIGN as align
+    from leanmoe.model.moe import expert_counts, padded_layout
 
     print(f"\nC kernel: {status()}; {torch.get_num_threads()} threads")
     rows = []
     for n, k, d, e in shapes:
         flat = torch.randint(0, e, (n * k,))  # copy t * k + j goes to expert flat[t * k + j]
-        counts = torch.bincount(flat, minlength=e)
-        padded = (counts + align - 1) // align * align
-        starts = padded.cumsum(0) - padded
-        order = flat.argsort(stable=True)  # copies grouped by expert, as MoE.gather_rows does
-        ids = flat[order]
-        row = torch.empty(n * k, dtype=torch.long)
-        row[order] = starts[ids] + torch.arange(n * k) - (counts.cumsum(0) - counts)[ids]
-        src = torch.zeros(int(padded.sum()), dtype=torch.long).index_copy_(0, row, torch.arange(n * k) // k)
+        src, _, row = padded_layout(flat, flat.argsort(stable=True), expert_counts(flat, e), k, align)
         x, w = torch.randn(n, d, requires_grad=True), torch.rand(n, k, requires_grad=True)
         g = torch.randn(n, d).bfloat16()
 
@@ -357,28 +351,17 @@ def bench_rows_cpu(shapes, rounds: int = 3) -> None:
 
 
 def step_rows_cpu(rounds: int) -> None:
-    """Whole bf16 training steps of `tiny` (16 x 256 random tokens, AdamW, router-bias update; the
+    """Whole bf16 training steps of `tiny` (16 x 256 random tokens, bench/cpu_heap.py's step; the
     trainer's retained CPU heap), alternating step by step between the C kernels and the torch rows."""
-    from leanmoe import ModelConfig, Transformer
+    from cpu_heap import training_step
+
     from leanmoe.kernels import moe_rows
     from leanmoe.train.memory import retain_cpu_heap
-    from leanmoe.train.optim import build_optimizer
 
     heap = retain_cpu_heap()
-    cfg = ModelConfig.from_preset("tiny")
-    model = Transformer(cfg).train()
-    opt = build_optimizer(model, 1e-3)
-    ids = torch.randint(0, cfg.vocab_size, (16, 257))
+    step = training_step("MoE", "bf16")
     kernels = moe_rows.rows_kernels_apply
     variants = {"C kernels": kernels, "torch ops": lambda t: False}
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model.compute_loss(ids[:, :-1], ids[:, 1:]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.update_router_bias()
 
     times: dict[str, list[float]] = {k: [] for k in variants}
     try:

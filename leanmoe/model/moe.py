@@ -37,6 +37,24 @@ def expert_counts(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
 
 
+def padded_layout(flat_M: torch.Tensor, order_M: torch.Tensor, counts_E: torch.Tensor, k: int,
+                  align: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows for token copies sorted by expert with each expert's group padded to a multiple of
+    `align`. flat_M [N*K]: each copy's expert (copy j is token j // k's slot j % k); order_M: the
+    copies by expert (a stable argsort of flat_M); counts_E [E]: copies per expert. Returns src_P
+    [P], the token each row reads (padding rows read token 0); ends_pad [E] int64, each expert's
+    inclusive row end; row_M [N*K], each copy's row, in token order."""
+    counts = counts_E.long()
+    padded = (counts + align - 1) // align * align
+    ends_pad = padded.cumsum(0)
+    shift_E = (ends_pad - padded) - (counts.cumsum(0) - counts)  # padded start - packed start
+    pos_M = torch.arange(flat_M.numel(), device=flat_M.device) + shift_E[flat_M[order_M]]
+    m_pad = int(ends_pad[-1])  # host sync: the padded size
+    src_P = torch.zeros(m_pad, dtype=torch.long, device=flat_M.device).index_copy_(0, pos_M, order_M // k)
+    row_M = torch.empty_like(pos_M).index_copy_(0, order_M, pos_M)
+    return src_P, ends_pad, row_M
+
+
 def combine(y_MD: torch.Tensor, order_M: torch.Tensor, topk_w_NK: torch.Tensor, partial: bool = False) -> torch.Tensor:
     """Un-sort the experts' outputs y [M, D] (row i is token copy order[i]) and sum each token's
     copies weighted by its routing weights [N, K] -> [N, D]. partial: some copies are missing
@@ -171,14 +189,7 @@ class MoE(nn.Module):
         align = expert_row_alignment(x_ND) if n_copies is None else 1
         if align == 1:
             return x_ND.index_select(0, order_M // k), counts_E.cumsum(0, dtype=torch.int32), order_M, None
-        counts = counts_E.long()
-        padded = (counts + align - 1) // align * align
-        ends_pad = padded.cumsum(0)
-        shift_E = (ends_pad - padded) - (counts.cumsum(0) - counts)  # padded start - packed start
-        pos_M = torch.arange(flat_M.numel(), device=x_ND.device) + shift_E[flat_M[order_M]]
-        m_pad = int(ends_pad[-1])  # host sync: the padded size
-        src_P = torch.zeros(m_pad, dtype=torch.long, device=x_ND.device).index_copy_(0, pos_M, order_M // k)
-        row_M = torch.empty_like(pos_M).index_copy_(0, order_M, pos_M)  # each copy's row, in token order
+        src_P, ends_pad, row_M = padded_layout(flat_M, order_M, counts_E, k, align)
         if moe_rows.rows_kernels_apply(x_ND):  # bf16: cast and gather in one pass, a gather-sum backward
             x_PD = moe_rows.gather_rows(x_ND, src_P, row_M, k)
         else:
