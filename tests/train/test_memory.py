@@ -45,8 +45,12 @@ def test_retained_heap_stops_the_page_faults_of_reallocated_activations():
     pages = 2 * (64 << 20) // 4096  # two 64 MB tensors a step
     # glibc's default hands each step's blocks back: every step faults them in again
     assert min(system["faults"][1:]) > pages // 2, system
-    # kept: once the heap has grown to its working size (a few steps), the same pages are reused
-    assert max(retain["faults"][-4:]) < pages // 20, retain
+    # kept: once the heap has grown to its working size, the same pages are reused. Most steps fault
+    # nothing; the heap still grows now and then on this machine (one 64 MB block at a random later
+    # step in ~1 run of 3), so the claim is the typical step and the total, not the worst step
+    later = retain["faults"][1:]
+    assert sorted(later)[len(later) // 2] < pages // 20, retain
+    assert sum(later) < sum(system["faults"][1:]) / 2, (retain, system)
 
 
 def test_system_setting_and_a_users_allocator_are_left_alone(monkeypatch):
