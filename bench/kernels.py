@@ -19,6 +19,7 @@ describe the CPU reference path, not the kernels.
     python bench/kernels.py --only mla-cpu   # the CPU decode attention: C kernel vs torch path vs SDPA
     python bench/kernels.py --only experts-cpu   # the CPU experts' MLP: C kernel vs grouped GEMMs
     python bench/kernels.py --only rows-cpu      # the MoE's bf16 gather + combine in training: C kernels vs torch
+    python bench/kernels.py --only experts-bf16  # the experts' MLP in bf16 training: C kernel vs grouped GEMMs
     python bench/kernels.py --only crossover     # GPU: FP8 GEMM backends from 16 to 2048 rows, `small`'s experts
 
 Every timed kernel output is first compared with the same call's reference (FP8 GEMMs: DeepGEMM's
@@ -65,6 +66,8 @@ CPU_KERNEL_EXPERTS = [(8, 256, 128, 2), (8, 256, 128, 32), (8, 256, 128, 128), (
                       (32, 256, 64, 64), (32, 256, 64, 256), (32, 256, 64, 512), (32, 256, 64, 1024)]
 # (N tokens, K copies, D hidden, E experts): `tiny`'s training batch (16 x 256 tokens), half and twice it
 CPU_KERNEL_ROWS = [(4096, 4, 256, 32), (2048, 4, 256, 32), (8192, 4, 256, 32)]
+# E, D, F, M token copies: tiny's batch (4096 tokens x top-4), half of it, and wider experts
+CPU_KERNEL_EXPERTS_BF16 = [(32, 256, 64, 16384), (32, 256, 64, 8192), (16, 512, 128, 8192)]
 
 
 def timer(fn, cuda: bool) -> float:
@@ -350,35 +353,92 @@ def bench_rows_cpu(shapes, rounds: int = 3) -> None:
     step_rows_cpu(rounds=8)
 
 
-def step_rows_cpu(rounds: int) -> None:
+def step_ab(module, attr: str, off, rounds: int) -> None:
     """Whole bf16 training steps of `tiny` (16 x 256 random tokens, bench/cpu_heap.py's step; the
-    trainer's retained CPU heap), alternating step by step between the C kernels and the torch rows."""
+    trainer's retained CPU heap), alternating step by step between the C kernel(s) (module.attr as it
+    is) and the torch path (module.attr replaced by `off`)."""
     from cpu_heap import training_step
 
-    from leanmoe.kernels import moe_rows
     from leanmoe.train.memory import retain_cpu_heap
 
     heap = retain_cpu_heap()
     step = training_step("MoE", "bf16")
-    kernels = moe_rows.rows_kernels_apply
-    variants = {"C kernels": kernels, "torch ops": lambda t: False}
-
+    on = getattr(module, attr)
+    variants = {"C kernel": on, "torch": off}
     times: dict[str, list[float]] = {k: [] for k in variants}
     try:
         for r in range(rounds + 2):  # two warm-up rounds
-            for name, apply in variants.items():
-                moe_rows.rows_kernels_apply = apply
+            for name, fn in variants.items():
+                setattr(module, attr, fn)
                 t = time.perf_counter()
                 step()
                 if r >= 2:
                     times[name].append(time.perf_counter() - t)
     finally:
-        moe_rows.rows_kernels_apply = kernels
-    ratio = [b / a for a, b in zip(times["C kernels"], times["torch ops"])]
-    print(f"tiny bf16 training step ({heap}), ms, {rounds} alternating rounds:")
+        setattr(module, attr, on)
+    ratio = [b / a for a, b in zip(times["C kernel"], times["torch"])]
+    print(f"tiny bf16 training step ({heap}), {module.__name__}.{attr} on and off, ms, {rounds} alternating rounds:")
     for name, ts in times.items():
         print(f"  {name:10s} median {statistics.median(ts) * 1e3:6.0f}  ({' '.join(f'{t * 1e3:.0f}' for t in ts)})")
-    print(f"  speed-up of the C kernels: {statistics.median(ratio):.3f}x (per round {min(ratio):.3f}-{max(ratio):.3f})")
+    print(f"  speed-up of the C kernel: {statistics.median(ratio):.3f}x (per round {min(ratio):.3f}-{max(ratio):.3f})")
+
+
+def step_rows_cpu(rounds: int) -> None:
+    """step_ab for the gather and combine kernels (leanmoe.kernels.moe_rows)."""
+    from leanmoe.kernels import moe_rows
+
+    step_ab(moe_rows, "rows_kernels_apply", lambda t: False, rounds)
+
+
+def bench_experts_bf16(shapes, rounds: int = 5) -> None:
+    """The routed experts' SwiGLU MLP in bf16 training on the CPU, forward and backward: leanmoe's C
+    kernel (leanmoe.kernels.experts_bf16, the default where the CPU has AVX512-BF16) against the
+    grouped GEMMs + silu it replaced (torch._grouped_mm under bf16 autocast, the weights cast from
+    fp32). Rows per expert drawn unevenly (Dirichlet(3), as a router balancing mid-run gives), padded
+    to CPU_ONEDNN_ROW_ALIGN; then whole training steps of `tiny` alternating the two."""
+    from leanmoe.kernels import experts_bf16
+    from leanmoe.kernels.cpu_kernels import status
+    from leanmoe.kernels.grouped_gemm import CPU_ONEDNN_ROW_ALIGN as align
+    from leanmoe.kernels.grouped_gemm import expert_mlp_reference
+
+    print(f"\nC kernel: {status()}; AVX512-BF16 kernel built: {experts_bf16._lib() is not None}; "
+          f"{torch.get_num_threads()} threads")
+    if experts_bf16._lib() is None:
+        print("the bf16 experts kernel needs a CPU (and compiler) with AVX512-BF16: nothing to time")
+        return
+    rows = []
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    for e, d, f, m in shapes:
+        share = torch.distributions.Dirichlet(torch.full((e,), 3.0)).sample()
+        counts = ((share * m).long() + align - 1) // align * align
+        offs = counts.cumsum(0).to(torch.int32)
+        p = int(offs[-1])
+        x = torch.randn(p, d, generator=gen).bfloat16().requires_grad_()
+        w1 = (torch.randn(e, 2 * f, d, generator=gen) / d**0.5).requires_grad_()
+        w2 = (torch.randn(e, d, f, generator=gen) / f**0.5).requires_grad_()
+        g = torch.randn(p, d, generator=gen).bfloat16()
+
+        def kernel():
+            experts_bf16.expert_mlp_bf16(x, w1, w2, offs).backward(g)
+
+        def reference():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = expert_mlp_reference(x, w1.to(torch.bfloat16), w2.to(torch.bfloat16), offs)
+            y.backward(g)
+
+        with torch.no_grad():
+            out = experts_bf16.expert_mlp_bf16(x, w1, w2, offs).float()
+            ref = expert_mlp_reference(x.float(), w1.bfloat16().float(), w2.bfloat16().float(), offs)
+        verify(f"experts bf16 E={e} M={m}", ((out - ref).norm() / ref.norm()).item(), 1e-2)
+        t = alternate({"C kernel": kernel, "grouped": reference}, rounds)
+        flops = 3 * 2 * p * d * 3 * f  # forward + backward (two GEMMs each for the input and weight gradients)
+        rows.append([f"E={e} D={d} F={f} M={m} (P={p}, max/mean {counts.max().item() * e / p:.2f})",
+                     f"{t['C kernel'] * 1e3:.2f} ({flops / t['C kernel'] / 1e9:.0f})",
+                     f"{t['grouped'] * 1e3:.2f} ({flops / t['grouped'] / 1e9:.0f})", f"{t['grouped'] / t['C kernel']:.2f}x"])
+    table("routed experts' SwiGLU MLP, forward and backward, bf16 training on the CPU, ms per call (GFLOP/s)",
+          ["shape", "C kernel", "grouped GEMMs", "vs grouped"], rows)
+    step_ab(experts_bf16, "experts_kernel_applies", lambda *a: False, rounds=8)
 
 
 # --sweep: tile configurations tried on a GPU (block_m, block_n, num_warps, num_stages) for the FP8
@@ -484,7 +544,8 @@ def sweep_mla(dev: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["dense", "grouped", "mla", "mla-cpu", "experts-cpu", "rows-cpu", "crossover"],
+    p.add_argument("--only", choices=["dense", "grouped", "mla", "mla-cpu", "experts-cpu", "rows-cpu", "experts-bf16",
+                                        "crossover"],
                    help="run one group")
     p.add_argument("--quick", action="store_true", help="first few shapes only")
     p.add_argument("--sweep", nargs="?", const="all", choices=["all", "gemm", "mla"],
@@ -494,7 +555,7 @@ def main() -> None:
     dev = "cuda" if cuda else "cpu"
     if cuda:
         print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  (Triton kernels)")
-    else:
+    elif args.only in (None, "dense", "grouped", "mla", "crossover"):  # the GPU kernels' groups
         print("NO GPU: timing the torch CPU REFERENCES on reduced shapes. These numbers describe the\n"
               "CPU reference path (dequantise + fp32 matmul, gather + softmax), not the Triton kernels.")
     if args.sweep and cuda:
@@ -515,6 +576,8 @@ def main() -> None:
         bench_experts_cpu(cut(CPU_KERNEL_EXPERTS))
     if args.only == "rows-cpu" or (args.only is None and not cuda):
         bench_rows_cpu(cut(CPU_KERNEL_ROWS))
+    if args.only == "experts-bf16" or (args.only is None and not cuda):
+        bench_experts_bf16(cut(CPU_KERNEL_EXPERTS_BF16))
 
 
 if __name__ == "__main__":

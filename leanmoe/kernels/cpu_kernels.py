@@ -1,6 +1,6 @@
 """leanmoe's C kernels for CPUs: compiled on first use with the system C compiler, loaded with ctypes.
 
-The sources (`cpu_mla.c`, `cpu_moe.c`, `cpu_rows.c` next to this file) are plain C11 with OpenMP;
+The sources (`cpu_mla.c`, `cpu_moe.c`, `cpu_rows.c`, `cpu_experts.c` next to this file) are plain C11 with OpenMP;
 they are built with `-O3 -march=native -fopenmp` into ~/.cache/leanmoe/kernels (or
 $LEANMOE_CACHE/kernels), under a name that hashes the sources, the flags, the compiler and this
 CPU's feature flags, so a rebuilt source, a new compiler or another CPU sharing the home folder gets
@@ -29,7 +29,8 @@ from pathlib import Path
 
 __all__ = ["library", "status", "FLAGS"]
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_mla.c", "cpu_moe.c", "cpu_rows.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_mla.c", "cpu_moe.c", "cpu_rows.c", "cpu_experts.c")]
+HEADERS = [Path(__file__).with_name("cpu_bf16.h")]  # included by the sources: part of the build's name
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC"]
 _status = "not loaded yet"
 
@@ -51,7 +52,7 @@ def _cache_dir() -> Path:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES), " ".join(FLAGS), version, _cpu_flags(),
+    key = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES + HEADERS), " ".join(FLAGS), version, _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"leanmoe_cpu_{key}.so"
     if target.is_file():
@@ -93,7 +94,10 @@ def library() -> ctypes.CDLL | None:
     P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     for name, args in (("leanmoe_gather_rows_bf16", [P, I, P, I64, I64, I, P, I]),
                        ("leanmoe_sum_rows_bf16", [P, P, P, I64, I, I, I64, P, I, I]),
-                       ("leanmoe_combine_backward_bf16", [P, P, P, P, I64, I, I, I64, P, P, I])):
+                       ("leanmoe_combine_backward_bf16", [P, P, P, P, I64, I, I, I64, P, P, I]),
+                       ("leanmoe_experts_bf16_available", []),
+                       ("leanmoe_experts_bf16_forward", [P, P, I, I64, I, I, P, P, P, P, I]),
+                       ("leanmoe_experts_bf16_backward", [P, P, I, I64, I, I, P, P, P, P, P, P, P, I])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = ctypes.c_int, args
     _status = f"on ({cc}, {' '.join(FLAGS[:3])})"

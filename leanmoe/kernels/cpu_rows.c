@@ -22,20 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)h << 16;
-    return v.f;
-}
-
-/* round to nearest even; NaN stays a (quiet) NaN */
-static inline uint16_t f32_to_bf16(float f) {
-    union { uint32_t u; float f; } v;
-    v.f = f;
-    uint32_t u = v.u;
-    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : rounded);
-}
+#include "cpu_bf16.h"
 
 /* x [N, D] (fp32, or bf16 when x_bf16), src [P] rows of x -> xp [P, D] bf16. -2 on a bad index. */
 int leanmoe_gather_rows_bf16(const void *x, int x_bf16, const int64_t *src, int64_t n, int64_t p, int d,

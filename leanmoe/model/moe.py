@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanmoe.config import ModelConfig
-from leanmoe.kernels import moe_rows
+from leanmoe.kernels import experts_bf16, moe_rows
 from leanmoe.kernels.grouped_gemm import expert_mlp, expert_row_alignment
 from leanmoe.model.layers import MLP
 
@@ -121,8 +121,12 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
     def forward(self, x_MD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-        """x [M, D] sorted by expert, offs [E] inclusive row offsets -> [M, D]."""
+        """x [M, D] sorted by expert, offs [E] inclusive row offsets -> [M, D]. bf16 rows with fp32
+        weights on a CPU with AVX512-BF16 (bf16 training: MoE.gather_rows's padded rows) run the C
+        kernel leanmoe.kernels.experts_bf16; the rest the grouped GEMMs."""
         w1, w2 = self.gate_up_proj, self.down_proj
+        if experts_bf16.experts_kernel_applies(x_MD, w1, w2):  # bf16 rows, fp32 weights, AVX512-BF16 CPU
+            return experts_bf16.expert_mlp_bf16(x_MD, w1, w2, offs_E)
         if torch.is_autocast_enabled(x_MD.device.type):  # custom ops are not autocast: cast here
             dtype = torch.get_autocast_dtype(x_MD.device.type)
             x_MD, w1, w2 = x_MD.to(dtype), w1.to(dtype), w2.to(dtype)

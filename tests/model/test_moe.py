@@ -209,27 +209,54 @@ def test_bf16_autocast_on_cpu_pads_expert_rows_and_matches_reference(monkeypatch
     torch.testing.assert_close(y.float(), _loop_reference(moe, x), atol=0.1, rtol=0.05)
 
 
+def _bf16_step(moe: MoE, x: torch.Tensor, g: torch.Tensor):
+    """One bf16-autocast forward and backward of moe: (y fp32, gradients of x, the gate and the experts)."""
+    xi = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = moe(xi)
+    return y.float(), torch.autograd.grad((y.float() * g).sum(), [xi, moe.gate.weight] + list(moe.experts.parameters()))
+
+
+def _assert_bf16_close(result, reference):
+    (y1, g1), (y0, g0) = result, reference
+    torch.testing.assert_close(y1, y0, atol=0.02 * y0.abs().max().item(), rtol=0.05)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=0.02 * b.abs().max().item(), rtol=0.05)
+
+
 def test_bf16_rows_kernels_match_the_torch_rows_in_a_training_step(monkeypatch):
     """The padded bf16 path's gather and combine by the C kernels (leanmoe.kernels.moe_rows) and by
     torch: the same output and gradients, up to bf16 rounding."""
     from leanmoe.kernels import moe_rows
 
     moe = _moe(n_group=1, topk_group=1)
-    x = torch.randn(2, 40, 32)
-    g = torch.randn(2, 40, 32)
+    x, g = torch.randn(2, 40, 32), torch.randn(2, 40, 32)
     results = []
     for kernels in (True, False):
         monkeypatch.setattr(moe_rows, "rows_kernels_apply", lambda t, on=kernels: on)
         calls = []
         real = moe_rows.combine_rows
         monkeypatch.setattr(moe_rows, "combine_rows", lambda *a: (calls.append(1), real(*a))[1])
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y, _ = moe(xi)
-        grads = torch.autograd.grad((y.float() * g).sum(), [xi, moe.gate.weight] + list(moe.experts.parameters()))
+        results.append(_bf16_step(moe, x, g))
         assert len(calls) == int(kernels)
-        results.append((y.float(), grads))
-    (y1, g1), (y0, g0) = results
-    torch.testing.assert_close(y1, y0, atol=0.02 * y0.abs().max().item(), rtol=0.05)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, atol=0.02 * b.abs().max().item(), rtol=0.05)
+    _assert_bf16_close(*results)
+
+
+def test_bf16_experts_kernel_matches_the_grouped_gemms_in_a_training_step(monkeypatch):
+    """bf16 training's routed experts by the C kernel (leanmoe.kernels.experts_bf16) and by torch's
+    grouped GEMMs on the same padded rows: the same output and gradients, up to bf16 rounding."""
+    from leanmoe.kernels import experts_bf16
+
+    moe = _moe(n_group=1, topk_group=1)
+    x, g = torch.randn(2, 40, 32), torch.randn(2, 40, 32)
+    real_applies, real_mlp = experts_bf16.experts_kernel_applies, experts_bf16.expert_mlp_bf16
+    if not real_applies(torch.zeros(2, 32, dtype=torch.bfloat16), moe.experts.gate_up_proj, moe.experts.down_proj):
+        pytest.skip("the C kernels are not built with AVX512-BF16 on this CPU")
+    results = []
+    for kernel in (True, False):
+        calls = []
+        monkeypatch.setattr(experts_bf16, "experts_kernel_applies", lambda *a, on=kernel: on and real_applies(*a))
+        monkeypatch.setattr(experts_bf16, "expert_mlp_bf16", lambda *a: (calls.append(1), real_mlp(*a))[1])
+        results.append(_bf16_step(moe, x, g))
+        assert len(calls) == int(kernel)
+    _assert_bf16_close(*results)
