@@ -395,14 +395,18 @@ def bench_experts_bf16(shapes, rounds: int = 5) -> None:
     kernel (leanmoe.kernels.experts_bf16, the default where the CPU has AVX512-BF16) against the
     grouped GEMMs + silu it replaced (torch._grouped_mm under bf16 autocast, the weights cast from
     fp32). Rows per expert drawn unevenly (Dirichlet(3), as a router balancing mid-run gives), padded
-    to CPU_ONEDNN_ROW_ALIGN; then whole training steps of `tiny` alternating the two."""
+    to CPU_ONEDNN_ROW_ALIGN; then whole training steps of `tiny` alternating the two. The trainer's
+    retained CPU heap is on for both (leanmoe.train.memory)."""
     from leanmoe.kernels import experts_bf16
     from leanmoe.kernels.cpu_kernels import status
     from leanmoe.kernels.grouped_gemm import CPU_ONEDNN_ROW_ALIGN as align
     from leanmoe.kernels.grouped_gemm import expert_mlp_reference
 
+    from leanmoe.train.memory import retain_cpu_heap
+
+    heap = retain_cpu_heap()  # as the trainer runs: the kernel's scratch and torch's buffers reuse memory
     print(f"\nC kernel: {status()}; AVX512-BF16 kernel built: {experts_bf16._lib() is not None}; "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; CPU heap: {heap}")
     if experts_bf16._lib() is None:
         print("the bf16 experts kernel needs a CPU (and compiler) with AVX512-BF16: nothing to time")
         return

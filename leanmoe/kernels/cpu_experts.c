@@ -165,12 +165,36 @@ static void gemm(int64_t m, int64_t n, int64_t kp, const uint32_t *a, int64_t ld
 }
 
 /* ----------------------------------------------------------------------------------- packing */
-/* dst[j*dk + c*dn] = (src[2j*sk + c*sn], src[(2j+1)*sk + c*sn]) for j < kp, c < n: fp32 rounded to bf16 */
-static void pack_f32(const float *src, int64_t sk, int64_t sn, int64_t kp, int64_t n, uint32_t *dst, int64_t dk,
-                     int64_t dn) {
-    for (int64_t j = 0; j < kp; j++)
-        for (int64_t c = 0; c < n; c++)
-            dst[j * dk + c * dn] = pair(f32_to_bf16(src[2 * j * sk + c * sn]), f32_to_bf16(src[(2 * j + 1) * sk + c * sn]));
+/* Weights into the packed B layout dst [kp, n] (pairs of contraction rows, rounded to bf16):
+ *   pack_t: the contraction runs along src's rows: src [n, 2kp] (row stride ld)   dst[j, c] = (src[c, 2j], src[c, 2j+1])
+ *   pack_n: the contraction runs down src's columns: src [2kp, n] (row stride ld) dst[j, c] = (src[2j, c], src[2j+1, c])
+ * n is a multiple of 16. */
+static void pack_t(const float *src, int64_t ld, int64_t kp, int64_t n, uint32_t *dst) {
+    const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32((int)n));
+    for (int64_t c = 0; c < n; c++) {
+        const float *row = src + c * ld;
+        for (int64_t j = 0; j < kp; j += 16) {
+            /* 16 pairs: floats 2j .. 2j + 31 of the row, rounded in order, to 16 column entries */
+            __mmask16 lo = (__mmask16)(kp - j >= 8 ? 0xffff : (1u << (2 * (kp - j))) - 1);
+            __mmask16 hi = (__mmask16)(kp - j >= 16 ? 0xffff : kp - j > 8 ? (1u << (2 * (kp - j - 8))) - 1 : 0);
+            __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, row + 2 * j + 16),
+                                                         _mm512_maskz_loadu_ps(lo, row + 2 * j));
+            __mmask16 keep = (__mmask16)(kp - j >= 16 ? 0xffff : (1u << (kp - j)) - 1);
+            _mm512_mask_i32scatter_epi32(dst + j * n + c, keep, lanes, pairs, 4);
+        }
+    }
+}
+
+static void pack_n(const float *src, int64_t ld, int64_t kp, int64_t n, uint32_t *dst) {
+    for (int64_t j = 0; j < kp; j++) {
+        const float *r0 = src + 2 * j * ld, *r1 = r0 + ld;
+        for (int64_t c = 0; c < n; c += 16) {
+            __m512i lo = _mm512_cvtepu16_epi32(to_bf16(_mm512_loadu_ps(r0 + c)));
+            __m512i hi = _mm512_cvtepu16_epi32(to_bf16(_mm512_loadu_ps(r1 + c)));
+            _mm512_storeu_si512((void *)(dst + j * n + c), _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+    }
 }
 
 /* bf16 rows [rows, n] (row stride sk, columns contiguous) as pairs of rows into dst [(rows + 1) / 2, n];
@@ -247,8 +271,8 @@ int leanmoe_experts_bf16_forward(const uint16_t *x, const int32_t *offs, int e, 
         {
 #pragma omp for schedule(static)
             for (int i = 0; i < e; i++) {
-                pack_f32(w1 + (int64_t)i * f2 * d, 1, d, d / 2, f2, w1p + (int64_t)i * (d / 2) * f2, f2, 1);
-                pack_f32(w2 + (int64_t)i * d * f, 1, f, f / 2, d, w2p + (int64_t)i * (f / 2) * d, d, 1);
+                pack_t(w1 + (int64_t)i * f2 * d, d, d / 2, f2, w1p + (int64_t)i * (d / 2) * f2);
+                pack_t(w2 + (int64_t)i * d * f, f, f / 2, d, w2p + (int64_t)i * (f / 2) * d);
             }
             uint16_t *a = malloc(sizeof(uint16_t) * ROW_BLOCK * f);
             if (!a) failed = 1;
@@ -313,8 +337,8 @@ int leanmoe_experts_bf16_backward(const uint16_t *x, const int32_t *offs, int e,
         {
 #pragma omp for schedule(static)
             for (int i = 0; i < e; i++) {
-                pack_f32(w2 + (int64_t)i * d * f, f, 1, d / 2, f, w2p + (int64_t)i * (d / 2) * f, f, 1);
-                if (dx) pack_f32(w1 + (int64_t)i * f2 * d, d, 1, f, d, w1p + (int64_t)i * f * d, d, 1);
+                pack_n(w2 + (int64_t)i * d * f, f, d / 2, f, w2p + (int64_t)i * (d / 2) * f);
+                if (dx) pack_n(w1 + (int64_t)i * f2 * d, d, f, d, w1p + (int64_t)i * f * d);
             }
             float *da = malloc(sizeof(float) * ROW_BLOCK * f);
             uint16_t *dh = malloc(sizeof(uint16_t) * ROW_BLOCK * f2);
