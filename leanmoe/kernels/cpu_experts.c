@@ -1,8 +1,8 @@
 /* leanmoe: the routed experts' SwiGLU MLP for bf16 training on CPUs with AVX512-BF16, forward and
  * backward, every expert's GEMMs in one parallel pass.
  *
- * Shape legend: P rows (token copies sorted by expert, each expert's group an even number of rows),
- * E experts, D hidden, F expert width. offs [E] holds each expert's inclusive row end.
+ * Shape legend: P rows (token copies sorted by expert), E experts, D hidden, F expert width, both
+ * multiples of 16. offs [E] holds each expert's inclusive row end.
  *
  *     forward:  h = x W1^T            [P, 2F]  (gate columns, then up)      saved for the backward
  *               a = silu(g) * u       [P, F]
@@ -24,8 +24,9 @@
  *
  * The GEMMs take their B operand "packed": pairs of consecutive contraction rows interleaved, one
  * uint32 (two bf16) per (pair, column), so one vdpbf16ps multiplies a broadcast pair of A by 16
- * columns. Built by leanmoe/kernels/cpu_kernels.py; leanmoe/kernels/experts_bf16.py holds the torch
- * reference and tests/kernels/test_experts_bf16.py holds the two equal.
+ * columns. Built by leanmoe/kernels/cpu_kernels.py and called by leanmoe/kernels/experts_bf16.py;
+ * tests/kernels/test_experts_bf16.py holds it equal to the grouped GEMMs it replaces
+ * (leanmoe.kernels.grouped_gemm.expert_mlp_reference).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -251,13 +252,15 @@ static int64_t row_tasks(const int32_t *offs, int e, int64_t **out) {
 #endif /* LEANMOE_BF16_DOT */
 
 /* Returns 0; -1 when memory could not be allocated; -2 when offs is not nondecreasing row ends
- * ending at p; -3 when this build lacks AVX512-BF16 (see leanmoe_experts_bf16_available). */
+ * ending at p; -3 when this build lacks AVX512-BF16 (see leanmoe_experts_bf16_available); -4 when D
+ * or F is not a positive multiple of 16. */
 int leanmoe_experts_bf16_forward(const uint16_t *x, const int32_t *offs, int e, int64_t p, int d, int f,
                                  const float *w1, const float *w2, uint16_t *h, uint16_t *y, int n_threads) {
 #ifndef LEANMOE_BF16_DOT
     (void)x; (void)offs; (void)e; (void)p; (void)d; (void)f; (void)w1; (void)w2; (void)h; (void)y; (void)n_threads;
     return -3;
 #else
+    if (d <= 0 || f <= 0 || d % 16 || f % 16) return -4;
     if (check_offs(offs, e, p)) return -2;
     const int64_t f2 = 2 * (int64_t)f;
     /* W1 [2F, D] -> [D/2 pairs, 2F]; W2 [D, F] -> [F/2 pairs, D] */
@@ -311,6 +314,7 @@ int leanmoe_experts_bf16_backward(const uint16_t *x, const int32_t *offs, int e,
     (void)dw1; (void)dw2; (void)n_threads;
     return -3;
 #else
+    if (d <= 0 || f <= 0 || d % 16 || f % 16) return -4;
     if (check_offs(offs, e, p)) return -2;
     const int64_t f2 = 2 * (int64_t)f;
     /* for da = dy W2: W2 [D, F] -> [D/2 pairs, F]; for dx = dh W1: W1 [2F, D] -> [F pairs, D] */

@@ -45,6 +45,8 @@ def _check(rc: int, offs: torch.Tensor, p: int) -> None:
         raise ValueError(f"expert_mlp_bf16: offs {offs.tolist()} must be nondecreasing row ends with offs[-1] == {p}")
     if rc == -3:
         raise RuntimeError("expert_mlp_bf16: this build of the C kernels has no AVX512-BF16")
+    if rc == -4:
+        raise ValueError("expert_mlp_bf16: D and F must be positive multiples of 16")
     if rc != 0:
         raise MemoryError(f"expert_mlp_bf16: the C kernel could not allocate its scratch memory ({rc})")
 
