@@ -1,6 +1,7 @@
 """leanmoe's C kernels for CPUs: compiled on first use with the system C compiler, loaded with ctypes.
 
-The sources (`cpu_mla.c`, `cpu_moe.c`, `cpu_rows.c`, `cpu_experts.c` next to this file) are plain C11 with OpenMP;
+The sources (`cpu_mla.c`, `cpu_moe.c`, `cpu_rows.c`, `cpu_experts.c` next to this file) are C11 with
+OpenMP (`cpu_experts.c` also with AVX512-BF16 intrinsics, compiled only where -march=native has them);
 they are built with `-O3 -march=native -fopenmp` into ~/.cache/leanmoe/kernels (or
 $LEANMOE_CACHE/kernels), under a name that hashes the sources, the flags, the compiler and this
 CPU's feature flags, so a rebuilt source, a new compiler or another CPU sharing the home folder gets
