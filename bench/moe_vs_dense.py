@@ -229,6 +229,12 @@ def corpus_tokenizer(name: str, cfg: ModelConfig, out: Path) -> Path:
     return folder / "tokenizer.json"
 
 
+def expert_lr_scale(args, model: str) -> float:
+    """The routed experts' learning-rate multiple for this run: --expert-lr-scale for the MoE runs
+    (the dense twin has no routed experts)."""
+    return 1.0 if model == "dense" else args.expert_lr_scale
+
+
 def read_curve(run_dir: Path) -> list[list[float]]:
     """[step, tokens, elapsed, val_bpb] at every evaluation, from metrics.jsonl."""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -244,7 +250,8 @@ def run_one(args, corpus: str, budget: str, seed: int, model: str, cfg_path: Pat
     done = run_dir / "study_result.json"
     if done.is_file() and args.resume_study:
         rec = json.loads(done.read_text())
-        if max_steps is None or (rec["steps"], rec.get("warmup_steps")) == (max_steps, warmup_steps):
+        same_lr = rec.get("expert_lr_scale", 1.0) == expert_lr_scale(args, model)
+        if same_lr and (max_steps is None or (rec["steps"], rec.get("warmup_steps")) == (max_steps, warmup_steps)):
             print(f"[skip] {corpus} {budget} seed {seed} {model}: finished in {run_dir}", flush=True)
             return rec
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over: its clock cannot be resumed fairly
@@ -255,7 +262,7 @@ def run_one(args, corpus: str, budget: str, seed: int, model: str, cfg_path: Pat
                      warmup_steps=warmup_steps, seed=seed, seq_len=args.seq_len, batch_size=args.batch_size,
                      eval_interval=args.eval_interval, eval_batches=args.eval_batches, sample_tokens=0,
                      save_interval=10**9, keep_last=1, device=args.device, dtype=args.dtype,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, expert_lr_scale=expert_lr_scale(args, model))
     trainer = Trainer(tc)
     res = trainer.train()
     trainer.close()
@@ -266,6 +273,7 @@ def run_one(args, corpus: str, budget: str, seed: int, model: str, cfg_path: Pat
            "elapsed": res.elapsed, "val_bpb": res.val_bpb, "val_loss": res.val_loss, "interrupted": res.interrupted,
            "batch": [trainer.tc.batch_size, trainer.tc.seq_len], "lr": trainer.tc.lr,
            "warmup_steps": trainer.tc.warmup_steps, "dtype": trainer.tc.dtype,
+           "expert_lr_scale": trainer.tc.expert_lr_scale,
            "load_before": load_before, "load_after": load_after, "warnings": warns, "run_dir": str(run_dir),
            "date": dt.datetime.now().isoformat(timespec="seconds"), **info, "curve": read_curve(run_dir)}
     if res.interrupted:
@@ -449,6 +457,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, help="default: the trainer's (16 on CPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="the trainer's autocast dtype for both models (auto | fp32 | bf16)")
+    ap.add_argument("--expert-lr-scale", type=float, default=1.0,
+                    help="the MoE's routed experts' learning rate as a multiple of the shared one (TrainConfig.expert_lr_scale)")
     ap.add_argument("--no-progress", action="store_true", help="no per-step progress line")
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "moe_vs_dense.png")
     ap.add_argument("--settle", type=float, default=90, help="seconds to wait at most for a quiet machine per run")
@@ -506,12 +516,13 @@ def main() -> None:
     head = (f"{dt.date.today()}, {info['machine']}, torch {info['torch']}, commit {info['git_commit']}: `{command}`; "
             f"{args.preset} MoE ({configs['MoE'].num_params().activated / 1e6:.2f}M activated) vs its dense twin "
             f"({configs['dense'].num_params().activated / 1e6:.2f}M), budgets {', '.join(args.budgets)} "
-            f"({', '.join(f'{b:.0f}s' for b in budgets_s)}), seeds {args.seeds}.\n\n")
+            f"({', '.join(f'{b:.0f}s' for b in budgets_s)}), seeds {args.seeds}"
+            f"{f', the routed experts at {args.expert_lr_scale:g}x the learning rate' if args.expert_lr_scale != 1 else ''}.\n\n")
     text = head + markdown(rows, split, warnings)
     (args.out / "results.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(
         {"meta": {**info, "command": command, "date": dt.datetime.now().isoformat(timespec="seconds"),
-                  "preset": args.preset, "eval_interval": args.eval_interval, "eval_batches": args.eval_batches},
+                  "preset": args.preset, "expert_lr_scale": args.expert_lr_scale, "eval_interval": args.eval_interval, "eval_batches": args.eval_batches},
          "summary": rows, "split": split, "warnings": warnings, "runs": runs}, indent=1) + "\n")
     plot(runs, args.plot)
     print("\n" + text + f"\nresults: {args.out}/results.json, results.md; plot: {args.plot}")

@@ -100,3 +100,11 @@ def test_step_split_times_the_expert_layout_training_runs(bf16):
         assert x_PD.shape[0] > 2 * 9 * moe.top_k  # the padding rows are timed too
     else:
         assert row_M is None and x_PD.shape[0] == 2 * 9 * moe.top_k
+
+
+def test_expert_learning_rate_scale_applies_to_the_moe_runs_only():
+    from argparse import Namespace
+
+    args = Namespace(expert_lr_scale=0.5)
+    assert study.expert_lr_scale(args, "MoE") == study.expert_lr_scale(args, study.EQUAL) == 0.5
+    assert study.expert_lr_scale(args, "dense") == 1.0  # the dense twin has no routed experts
