@@ -457,7 +457,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, help="default: the trainer's (16 on CPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="the trainer's autocast dtype for both models (auto | fp32 | bf16)")
-    ap.add_argument("--expert-lr-scale", type=float, default=1.0,
+    ap.add_argument("--expert-lr-scale", type=float, default=TrainConfig.expert_lr_scale,
                     help="the MoE's routed experts' learning rate as a multiple of the shared one (TrainConfig.expert_lr_scale)")
     ap.add_argument("--no-progress", action="store_true", help="no per-step progress line")
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "moe_vs_dense.png")

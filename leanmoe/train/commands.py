@@ -145,6 +145,8 @@ def _model_source_args(p: argparse.ArgumentParser, default_preset: str = "tiny")
 
 def register(subparsers) -> None:
     """Add `info`, `train` and `cost` to an argparse subparsers object."""
+    from leanmoe.train.config import TrainConfig  # no torch: keeps `leanmoe --help` fast
+
     info = subparsers.add_parser("info", help="show a model's shape, parameter counts and FLOPs per token")
     _model_source_args(info)
     info.add_argument("--seq-len", type=int, default=128)
@@ -167,8 +169,8 @@ def register(subparsers) -> None:
     tr.add_argument("--batch-size", type=int, help="sequences per optimizer step")
     tr.add_argument("--micro-batch-size", type=int, help="sequences per forward pass (gradient accumulation)")
     tr.add_argument("--lr", type=float, help="peak learning rate (default 3e-3 * (256/hidden_size)^0.78)")
-    tr.add_argument("--expert-lr-scale", type=float, default=1.0,
-                    help="the routed experts' learning rate as a multiple of --lr (default 1)")
+    tr.add_argument("--expert-lr-scale", type=float, default=TrainConfig.expert_lr_scale,
+                    help=f"the routed experts' learning rate as a multiple of --lr (default {TrainConfig.expert_lr_scale:g})")
     tr.add_argument("--warmup-steps", type=int)
     tr.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default="cosine")
     tr.add_argument("--mtp-weight", type=float, help="MTP loss weight (default: the config's, 0.3)")

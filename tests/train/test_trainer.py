@@ -114,6 +114,19 @@ def test_resume_with_a_new_budget_and_a_torn_metrics_line(tmp_path, corpus):
             if "loss" in m] == [1, 2, 3, 4]
 
 
+
+def test_a_run_saved_before_expert_lr_scale_existed_resumes_at_scale_1(tmp_path, corpus):
+    from leanmoe.train.run_checkpoint import STATE_FILE
+
+    first = Trainer(_tc(tmp_path, corpus, max_steps=1, eval_interval=100, expert_lr_scale=1.0)).train()
+    for path in set((first.run_dir / "checkpoints").rglob(STATE_FILE)):
+        state = json.loads(path.read_text())
+        del state["train_config"]["expert_lr_scale"]  # as written before the key existed
+        path.write_text(json.dumps(state))
+    resumed = Trainer(TrainConfig(out=str(first.run_dir), resume=True, max_steps=2, progress=False))
+    assert resumed.train().steps == 2 and resumed.tc.expert_lr_scale == 1.0  # not today's default
+    assert len(resumed.optimizer.param_groups) == 2  # the saved optimizer's groups: no experts group
+
 def test_checkpoints_past_the_shard_size_are_split_and_resume_exactly(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr(ckpt_mod, "SHARD_SIZE", "16KB")
     kw = dict(schedule="constant", warmup_steps=1, save_interval=2, eval_interval=100)  # lr independent of budget
