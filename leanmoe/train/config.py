@@ -81,7 +81,7 @@ class TrainConfig:
     bias_update_speed: float | None = None  # None: the model config's
     # the routed experts' learning rate, as a multiple of lr. Each expert sees only top-k / n_experts of
     # the tokens; half the rate ended tiny 0.004-0.006 val bits/byte lower at equal steps on CPU (0.35:
-    # 0.005 worse than 0.5; 2: 0.05 worse), and see the study in docs/benchmarks.md
+    # 0.005 worse than 0.5; 2: 0.05 worse). The 10-minute study with it: docs/benchmarks.md, session 12
     expert_lr_scale: float = 0.5
 
     # evaluation, checkpoints, logging
