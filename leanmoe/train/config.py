@@ -43,6 +43,10 @@ def parse_duration(text: str | float | int) -> float:
     return sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b] for a, b in parts)
 
 
+# defaults that changed, as they were before: a config saved without the key ran under these
+_FORMER_DEFAULTS: dict[str, Any] = {"expert_lr_scale": 1.0}
+
+
 @dataclass
 class TrainConfig:
     """A training run. None means "choose a sensible default for the device" (see `resolved`)."""
@@ -238,5 +242,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """A saved config (to_dict's). A key it lacks takes its former default where that changed
+        (_FORMER_DEFAULTS: the run trained under it), else today's."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{**_FORMER_DEFAULTS, **{k: v for k, v in d.items() if k in names}})

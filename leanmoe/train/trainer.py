@@ -202,8 +202,6 @@ class Trainer:
         tc = self.tc
         saved = read_trainer_state(ckpt)
         base = TrainConfig.from_dict(saved["train_config"])
-        if "expert_lr_scale" not in saved["train_config"]:  # saved before the key existed: trained at 1
-            base.expert_lr_scale = 1.0
         if tc.budget_given():  # a new budget replaces the saved one (which may be the implicit 10 minutes)
             base.max_steps = base.max_tokens = base.time_budget = None
         defaults = TrainConfig()
