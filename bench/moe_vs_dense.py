@@ -44,7 +44,7 @@ import torch
 
 from leanmoe import ModelConfig
 from leanmoe.train import TrainConfig, Trainer
-from leanmoe.train.config import TIME_BUDGET_WARMUP_STEPS, parse_duration
+from leanmoe.train.config import parse_duration
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("MoE", "dense")
@@ -507,7 +507,7 @@ def main() -> None:
         pair = [r for r in runs[-2:] if (r["corpus"], r["budget"], r["seed"]) == (corpus, budget, seed)]
         if args.equal_steps and {r["model"] for r in pair} == set(MODELS):  # the pair is complete
             dense = next(r for r in pair if r["model"] == "dense")
-            warmup = dense.get("warmup_steps", TIME_BUDGET_WARMUP_STEPS)  # records before this key ran timed
+            warmup = dense.get("warmup_steps", 50)  # records before this key: the time-budget warmup then
             runs.append(run_one(args, corpus, budget, seed, EQUAL, args.out / "MoE.config.json", tokenizers[corpus],
                                 info, max_steps=dense["steps"], warmup_steps=warmup))
     rows = summarize(runs)

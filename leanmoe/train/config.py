@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 __all__ = ["TrainConfig", "TrainingError", "parse_duration"]
 
 
-# warmup steps when the budget is wall-clock (a step budget warms up over 5% of its steps)
-TIME_BUDGET_WARMUP_STEPS = 50
+# warmup steps when the budget is wall-clock (a step budget warms up over 5% of its steps). 100
+# rather than 50: at tiny's ~500 CPU steps in 10 minutes it ended 0.008 (MoE) and 0.022 (dense
+# twin) val bits/byte lower at equal steps (docs/benchmarks.md, session 13)
+TIME_BUDGET_WARMUP_STEPS = 100
 
 
 class TrainingError(RuntimeError):
