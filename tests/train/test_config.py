@@ -5,7 +5,7 @@ import torch
 
 from leanmoe import ModelConfig
 from leanmoe.device import auto_train_dtype
-from leanmoe.train.config import TIME_BUDGET_WARMUP_STEPS, TrainConfig, TrainingError, parse_duration
+from leanmoe.train.config import TrainConfig, TrainingError, parse_duration
 from leanmoe.train.memory import HEADROOM, estimate_step_memory
 
 CPU = torch.device("cpu")
@@ -29,7 +29,7 @@ def test_resolved_fills_every_default_and_leaves_the_caller_unchanged(tiny):
     assert (r.seq_len, r.batch_size, r.micro_batch_size) == (256, 16, 16)
     assert r.lr == 3e-3  # the tiny width's tuned value
     assert r.time_budget == 600.0 and r.max_steps is None and r.max_tokens is None
-    assert (r.warmup_steps, r.eval_interval, r.save_interval) == (TIME_BUDGET_WARMUP_STEPS, 100, 200)
+    assert (r.warmup_steps, r.eval_interval, r.save_interval) == (100, 100, 200)  # TIME_BUDGET_WARMUP_STEPS
     assert (r.dtype, r.compile) == (auto_train_dtype(CPU), "off")  # bf16 on a CPU with native bf16
     # resolving again changes nothing
     assert dataclasses.asdict(r.resolved(tiny, CPU)) == dataclasses.asdict(r)
@@ -81,7 +81,7 @@ def test_warmup_and_intervals_follow_max_steps(tiny, max_steps, warmup, eval_int
 
 def test_any_budget_suppresses_the_default_time_budget(tiny):
     r = TrainConfig(max_tokens=1e6).resolved(tiny, CPU)
-    assert r.time_budget is None and r.warmup_steps == TIME_BUDGET_WARMUP_STEPS
+    assert r.time_budget is None and r.warmup_steps == 100
     r = TrainConfig(time_budget=30.0, save_interval=7).resolved(tiny, CPU)
     assert r.time_budget == 30.0 and r.save_interval == 7
 
