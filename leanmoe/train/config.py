@@ -46,7 +46,7 @@ def parse_duration(text: str | float | int) -> float:
 
 
 # defaults that changed, as they were before: a config saved without the key ran under these
-_FORMER_DEFAULTS: dict[str, Any] = {"expert_lr_scale": 1.0}
+_FORMER_DEFAULTS: dict[str, Any] = {"expert_lr_scale": 1.0, "schedule": "cosine"}
 
 
 @dataclass
@@ -76,7 +76,9 @@ class TrainConfig:
     lr: float | None = None
     min_lr_ratio: float = 0.1
     warmup_steps: int | None = None
-    schedule: str = "cosine"  # cosine | wsd | constant
+    # cosine | wsd | constant. wsd (flat after the warm-up, the last `decay_fraction` decaying) trained
+    # both `tiny` and its dense twin to lower loss than cosine at equal steps (docs/benchmarks.md)
+    schedule: str = "wsd"
     decay_fraction: float = 0.2  # wsd only
     weight_decay: float = 0.1
     beta1: float = 0.9

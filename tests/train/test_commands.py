@@ -74,3 +74,12 @@ def test_resume_applies_a_new_lr_and_batch_and_says_so_but_keeps_what_the_run_is
     assert last["lr"] <= 1e-3  # the new peak (the schedule's step-3 value under it)
     assert main(_train(tmp_path, corpus, "--resume", "--max-steps", "4", "--seed", "5")) == 1
     _one_line_error(capsys, "--seed 5 differs from the run's (0)")
+
+
+def test_train_flags_default_to_the_train_configs_own_defaults():
+    from leanmoe.cli import build_parser
+    from leanmoe.train.config import TrainConfig
+
+    args = build_parser().parse_args(["train"])
+    assert args.schedule == TrainConfig().schedule == "wsd"  # measured: docs/benchmarks.md, session 14
+    assert args.expert_lr_scale == TrainConfig().expert_lr_scale

@@ -66,7 +66,7 @@ def test_cpu_report_has_every_section(tc, tiny, run_dir):
     assert "device: Test CPU (2 threads)" in text and "dtype fp32" in text
     assert f"| 3 | {TOKENS:,} | 72.0 s | 1,000 | 6.0000 | 5.5000 | 1.2500 |" in text
     # one micro-batch per step: no accumulation clause
-    assert "Batch 8 x 32 tokens, peak lr 0.001 (cosine, 1 warm-up steps)" in text
+    assert "Batch 8 x 32 tokens, peak lr 0.001 (wsd, 1 warm-up steps)" in text
     assert "data: the Python standard library" in text
     assert "MFU is not meaningful on the CPU" in text and "GPU-hours" not in text
     assert f"Device-hours: {ELAPSED / 3600:.3f} (pass --price-per-hour" in text

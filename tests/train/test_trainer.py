@@ -53,9 +53,9 @@ def test_training_run_learns_and_writes_a_complete_run_folder(tmp_path, corpus):
     first, last = sum(r["lm_loss"] for r in records[:5]) / 5, sum(r["lm_loss"] for r in records[-5:]) / 5
     assert last < first - 1.5, (first, last)
     assert vals[-1]["val_loss"] < vals[0]["val_loss"]
-    # warm-up then cosine decay
+    # warm-up, flat, then the last 20% decaying (wsd)
     assert records[0]["lr"] == pytest.approx(1e-3) and records[2]["lr"] == pytest.approx(3e-3)
-    assert records[-1]["lr"] < records[10]["lr"]
+    assert records[10]["lr"] == records[30]["lr"] == pytest.approx(3e-3) and records[-1]["lr"] < records[30]["lr"]
     for name in ("report.md", "loss.png", "expert_load.png", "tokenizer.json", "tokenizer_config.json"):
         assert (run / name).is_file(), name
     report = (run / "report.md").read_text()
@@ -126,6 +126,14 @@ def test_a_run_saved_before_expert_lr_scale_existed_resumes_at_scale_1(tmp_path,
     resumed = Trainer(TrainConfig(out=str(first.run_dir), resume=True, max_steps=2, progress=False))
     assert resumed.train().steps == 2 and resumed.tc.expert_lr_scale == 1.0  # not today's default
     assert len(resumed.optimizer.param_groups) == 2  # the saved optimizer's groups: no experts group
+
+
+def test_a_run_on_the_former_default_schedule_resumes_on_it(tmp_path, corpus):
+    first = Trainer(_tc(tmp_path, corpus, max_steps=1, eval_interval=100, schedule="cosine")).train()
+    resumed = Trainer(TrainConfig(out=str(first.run_dir), resume=True, max_steps=2, progress=False))
+    assert resumed.train().steps == 2 and resumed.tc.schedule == "cosine"  # not today's default, wsd
+    assert TrainConfig.from_dict({}).schedule == "cosine"  # a config saved without the key
+
 
 def test_checkpoints_past_the_shard_size_are_split_and_resume_exactly(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr(ckpt_mod, "SHARD_SIZE", "16KB")
