@@ -173,8 +173,8 @@ def register(subparsers) -> None:
                     help=f"the routed experts' learning rate as a multiple of --lr (default {TrainConfig.expert_lr_scale:g})")
     tr.add_argument("--warmup-steps", type=int)
     tr.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default=TrainConfig.schedule,
-                    help=f"learning-rate schedule after the warm-up (default {TrainConfig.schedule}: flat, then "
-                    "the last 20%% of the budget decaying)")
+                    help=f"learning-rate schedule after the warm-up (default {TrainConfig.schedule}); wsd holds the "
+                    f"peak, then decays over the last {TrainConfig.decay_fraction:.0%}% of the budget")
     tr.add_argument("--mtp-weight", type=float, help="MTP loss weight (default: the config's, 0.3)")
     tr.add_argument("--fp8", action="store_true", help="train linear layers and experts in fine-grained FP8 "
                     "(DeepSeek-V3 section 3.3; emulated on CPU)")
