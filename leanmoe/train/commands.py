@@ -145,7 +145,7 @@ def _model_source_args(p: argparse.ArgumentParser, default_preset: str = "tiny")
 
 def register(subparsers) -> None:
     """Add `info`, `train` and `cost` to an argparse subparsers object."""
-    from leanmoe.train.config import TrainConfig  # no torch: keeps `leanmoe --help` fast
+    from leanmoe.train.config import SCHEDULES, TrainConfig  # no torch: keeps `leanmoe --help` fast
 
     info = subparsers.add_parser("info", help="show a model's shape, parameter counts and FLOPs per token")
     _model_source_args(info)
@@ -172,7 +172,7 @@ def register(subparsers) -> None:
     tr.add_argument("--expert-lr-scale", type=float, default=TrainConfig.expert_lr_scale,
                     help=f"the routed experts' learning rate as a multiple of --lr (default {TrainConfig.expert_lr_scale:g})")
     tr.add_argument("--warmup-steps", type=int)
-    tr.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default=TrainConfig.schedule,
+    tr.add_argument("--schedule", choices=SCHEDULES, default=TrainConfig.schedule,
                     help=f"learning-rate schedule after the warm-up (default {TrainConfig.schedule}); wsd holds the "
                     f"peak, then decays over the last {TrainConfig.decay_fraction:.0%}% of the budget")
     tr.add_argument("--mtp-weight", type=float, help="MTP loss weight (default: the config's, 0.3)")

@@ -27,6 +27,8 @@ __all__ = ["TrainConfig", "TrainingError", "parse_duration"]
 # twin) val bits/byte lower at equal steps (docs/benchmarks.md, session 13)
 TIME_BUDGET_WARMUP_STEPS = 100
 
+SCHEDULES = ("cosine", "wsd", "constant")  # the learning-rate schedules train.optim.lr_at knows
+
 
 class TrainingError(RuntimeError):
     """A run cannot continue; the message says why and what to change. Checkpoints are kept."""
@@ -222,8 +224,8 @@ class TrainConfig:
         for name, ok, want in checks:
             if not ok:
                 raise bad(name.replace("_", "-"), getattr(self, name), want)
-        if self.schedule not in ("cosine", "wsd", "constant"):
-            raise bad("schedule", self.schedule, "must be cosine, wsd or constant")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", self.schedule, f"must be one of {', '.join(SCHEDULES)}")
         if self.compile not in ("auto", "on", "off"):
             raise bad("compile", self.compile, "must be auto, on or off")
 

@@ -19,6 +19,8 @@ import math
 import torch
 from torch import nn
 
+from leanmoe.train.config import SCHEDULES
+
 __all__ = ["build_optimizer", "lr_at"]
 
 _FUSED_DEVICES = ("cuda", "cpu")  # where torch.optim.AdamW(fused=True) runs
@@ -67,4 +69,4 @@ def lr_at(step: int, progress: float, peak: float, warmup_steps: int, schedule: 
         return peak - (peak - floor) * (p - start) / max(decay_fraction, 1e-9)
     if schedule == "constant":
         return peak
-    raise ValueError(f"unknown schedule {schedule!r}; use cosine, wsd or constant")
+    raise ValueError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")

@@ -6,13 +6,14 @@ import torch
 from torch import nn
 
 from leanmoe.model.layers import RMSNorm
+from leanmoe.train.config import SCHEDULES
 from leanmoe.train.optim import build_optimizer, lr_at
 
 PEAK = 1e-3
 
 
 # ---------------------------------------------------------------------------- warm-up
-@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+@pytest.mark.parametrize("schedule", SCHEDULES)  # every name the config and the CLI accept
 def test_warmup_is_linear_in_the_step_and_ignores_progress(schedule):
     # step s (0-based) of W warm-up steps gets peak * (s + 1) / W, whatever the budget progress
     for progress in (0.0, 0.5, 1.0):
@@ -20,6 +21,11 @@ def test_warmup_is_linear_in_the_step_and_ignores_progress(schedule):
         torch.testing.assert_close(torch.tensor(lrs, dtype=torch.float64),
                                    torch.tensor([0.25e-3, 0.5e-3, 0.75e-3, 1e-3], dtype=torch.float64),
                                    rtol=1e-12, atol=0)
+
+
+def test_an_unknown_schedule_is_named_with_the_known_ones():
+    with pytest.raises(ValueError, match="unknown schedule 'linear'; use one of cosine, wsd, constant"):
+        lr_at(10, 0.5, PEAK, 1, "linear")
 
 
 def test_warmup_of_one_step_starts_at_peak():
