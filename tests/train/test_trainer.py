@@ -53,9 +53,10 @@ def test_training_run_learns_and_writes_a_complete_run_folder(tmp_path, corpus):
     first, last = sum(r["lm_loss"] for r in records[:5]) / 5, sum(r["lm_loss"] for r in records[-5:]) / 5
     assert last < first - 1.5, (first, last)
     assert vals[-1]["val_loss"] < vals[0]["val_loss"]
-    # warm-up, flat, then the last 20% decaying (wsd)
+    # warm-up, flat, then the last 35% decaying (wsd)
     assert records[0]["lr"] == pytest.approx(1e-3) and records[2]["lr"] == pytest.approx(3e-3)
-    assert records[10]["lr"] == records[30]["lr"] == pytest.approx(3e-3) and records[-1]["lr"] < records[30]["lr"]
+    assert records[10]["lr"] == records[24]["lr"] == pytest.approx(3e-3) and records[-1]["lr"] < records[24]["lr"]
+    assert records[30]["lr"] < records[24]["lr"]
     for name in ("report.md", "loss.png", "expert_load.png", "tokenizer.json", "tokenizer_config.json"):
         assert (run / name).is_file(), name
     report = (run / "report.md").read_text()
@@ -133,6 +134,13 @@ def test_a_run_on_the_former_default_schedule_resumes_on_it(tmp_path, corpus):
     resumed = Trainer(TrainConfig(out=str(first.run_dir), resume=True, max_steps=2, progress=False))
     assert resumed.train().steps == 2 and resumed.tc.schedule == "cosine"  # not today's default, wsd
     assert TrainConfig.from_dict({}).schedule == "cosine"  # a config saved without the key
+    assert TrainConfig.from_dict({}).decay_fraction == 0.2 != TrainConfig().decay_fraction
+
+
+def test_a_run_on_the_former_wsd_decay_resumes_on_it(tmp_path, corpus):
+    first = Trainer(_tc(tmp_path, corpus, max_steps=1, eval_interval=100, decay_fraction=0.2)).train()
+    resumed = Trainer(TrainConfig(out=str(first.run_dir), resume=True, max_steps=2, progress=False))
+    assert resumed.train().steps == 2 and resumed.tc.decay_fraction == 0.2  # not today's default, 0.35
 
 
 def test_checkpoints_past_the_shard_size_are_split_and_resume_exactly(tmp_path, corpus, monkeypatch):
