@@ -130,17 +130,12 @@ def test_a_run_saved_before_expert_lr_scale_existed_resumes_at_scale_1(tmp_path,
 
 
 def test_a_run_on_the_former_default_schedule_resumes_on_it(tmp_path, corpus):
-    first = Trainer(_tc(tmp_path, corpus, max_steps=1, eval_interval=100, schedule="cosine")).train()
+    first = Trainer(_tc(tmp_path, corpus, max_steps=1, eval_interval=100, schedule="cosine", decay_fraction=0.2)).train()
     resumed = Trainer(TrainConfig(out=str(first.run_dir), resume=True, max_steps=2, progress=False))
-    assert resumed.train().steps == 2 and resumed.tc.schedule == "cosine"  # not today's default, wsd
+    assert resumed.train().steps == 2
+    assert resumed.tc.schedule == "cosine" and resumed.tc.decay_fraction == 0.2  # not today's wsd and 0.35
     assert TrainConfig.from_dict({}).schedule == "cosine"  # a config saved without the key
     assert TrainConfig.from_dict({}).decay_fraction == 0.2 != TrainConfig().decay_fraction
-
-
-def test_a_run_on_the_former_wsd_decay_resumes_on_it(tmp_path, corpus):
-    first = Trainer(_tc(tmp_path, corpus, max_steps=1, eval_interval=100, decay_fraction=0.2)).train()
-    resumed = Trainer(TrainConfig(out=str(first.run_dir), resume=True, max_steps=2, progress=False))
-    assert resumed.train().steps == 2 and resumed.tc.decay_fraction == 0.2  # not today's default, 0.35
 
 
 def test_checkpoints_past_the_shard_size_are_split_and_resume_exactly(tmp_path, corpus, monkeypatch):
