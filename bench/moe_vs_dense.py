@@ -13,7 +13,9 @@ package's .py files, ~46 MB: present wherever leanmoe runs, and other code than 
 tokens, elapsed, val_bpb every --eval-interval steps, the clock including those evaluations),
 results.json and results.md; the plot goes to --plot. Each run first waits (up to --settle s) for
 the 1-minute load average to fall below 0.5 per core; a run starting above it, or ending above our
-threads + 0.5 per core, is flagged in the output and results.json.
+threads + 0.5 per core, is flagged in the output and results.json. After its clock stops each
+final model is evaluated again on up to --final-eval-batches validation batches (an 8-batch
+evaluation varies by ~0.02 bits/byte between runs), reported beside the table.
 
     python bench/moe_vs_dense.py --out runs/study                          # 10m and 30m, seeds 0-2, 2 corpora
     python bench/moe_vs_dense.py --out runs/study --resume-study           # continue it after a stop
@@ -140,6 +142,10 @@ def summarize(runs: list[dict]) -> list[dict]:
                      "dense_tps": mean(d["tokens_per_second"] for d in dense),
                      "multipliers": [multiplier_text(m, d, longer[s]) for s, m, d in pairs],
                      "target": need, "target_met": all(x >= need for x in margins)})
+        if all("final_eval" in r for r in [*moe, *dense]):  # runs before --final-eval-batches have none
+            final = [d["final_eval"]["val_bpb"] - m["final_eval"]["val_bpb"] for _, m, d in pairs]
+            rows[-1].update(final_margins=final, final_tokens=min(r["final_eval"]["tokens"] for r in [*moe, *dense]),
+                            final_target_met=all(x >= need for x in final))
     return rows
 
 
@@ -152,6 +158,14 @@ def markdown(rows: list[dict], split: dict | None, warnings: list[str]) -> str:
         out.append(f"| {r['corpus']} | {r['budget']} | {len(r['seeds'])} | {spread(r['moe_bpb'])} | "
                    f"{spread(r['dense_bpb'])} | {' / '.join(f'{x:+.4f}' for x in r['margins'])} | "
                    f"{r['moe_tps']:,.0f} | {r['dense_tps']:,.0f} | {' / '.join(r['multipliers'])} | {met} |")
+    finals = [r for r in rows if r.get("final_margins")]
+    if finals:
+        out += ["", "Each final model evaluated again after its budget on more of the validation split (the same "
+                "windows for both models; the table's numbers are the trainer's last evaluation, the windows its "
+                "curve used), dense - MoE: " + "; ".join(
+                    f"{r['corpus']} {r['budget']} ({r['final_tokens']:,} tokens) "
+                    + " / ".join(f"{x:+.4f}" for x in r["final_margins"])
+                    + f", target {'met' if r['final_target_met'] else 'not met'}" for r in finals) + "."]
     bounds = [r for r in rows if r.get("equal_step_margins")]
     if bounds:
         out += ["", "The MoE trained for as many steps as the dense twin took in its budget (`--equal-steps`: what "
@@ -265,6 +279,7 @@ def run_one(args, corpus: str, budget: str, seed: int, model: str, cfg_path: Pat
                      progress=not args.no_progress, expert_lr_scale=expert_lr_scale(args, model))
     trainer = Trainer(tc)
     res = trainer.train()
+    final = final_evaluation(trainer, args.final_eval_batches) if args.final_eval_batches and not res.interrupted else None
     trainer.close()
     load_after = [round(x, 2) for x in os.getloadavg()]
     warns = load_warnings(f"{corpus} {budget} seed {seed} {model}", load_before, load_after)
@@ -276,12 +291,24 @@ def run_one(args, corpus: str, budget: str, seed: int, model: str, cfg_path: Pat
            "expert_lr_scale": trainer.tc.expert_lr_scale,
            "load_before": load_before, "load_after": load_after, "warnings": warns, "run_dir": str(run_dir),
            "date": dt.datetime.now().isoformat(timespec="seconds"), **info, "curve": read_curve(run_dir)}
+    if final is not None:
+        rec["final_eval"] = final
     if res.interrupted:
         sys.exit(f"interrupted during {run_dir}; continue with --resume-study --out {args.out}")
     if not args.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     done.write_text(json.dumps(rec, indent=1) + "\n")
     return rec
+
+
+def final_evaluation(trainer, max_batches: int) -> dict:
+    """The trained model on up to `max_batches` validation batches (the whole split if smaller),
+    after its clock stopped: {"val_bpb", "val_loss", "tokens"}. Its first windows are the ones every
+    --eval-interval evaluation used; both models of a seed get the same windows."""
+    tc = trainer.tc
+    ev = trainer.evaluate(max_batches=max_batches)
+    windows = min((len(trainer.shards.val) - 1) // tc.seq_len, max_batches * tc.micro_batch_size)
+    return {"val_bpb": ev["val_bpb"], "val_loss": ev["val_loss"], "tokens": windows * tc.seq_len}
 
 
 # ---------------------------------------------------------------------------- step-time split
@@ -453,6 +480,9 @@ def main() -> None:
     ap.add_argument("--resume-study", action="store_true", help="skip runs already finished in --out")
     ap.add_argument("--eval-interval", type=int, default=40, help="validate every N steps (both models)")
     ap.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
+    ap.add_argument("--final-eval-batches", type=int, default=64,
+                    help="evaluate each final model again on up to this many validation batches, outside its "
+                         "clock (0: no)")
     ap.add_argument("--seq-len", type=int, help="default: the trainer's (256 on CPU)")
     ap.add_argument("--batch-size", type=int, help="default: the trainer's (16 on CPU)")
     ap.add_argument("--device", default="auto")
@@ -522,7 +552,8 @@ def main() -> None:
     (args.out / "results.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(
         {"meta": {**info, "command": command, "date": dt.datetime.now().isoformat(timespec="seconds"),
-                  "preset": args.preset, "expert_lr_scale": args.expert_lr_scale, "eval_interval": args.eval_interval, "eval_batches": args.eval_batches},
+                  "preset": args.preset, "expert_lr_scale": args.expert_lr_scale, "eval_interval": args.eval_interval, "eval_batches": args.eval_batches,
+                  "final_eval_batches": args.final_eval_batches},
          "summary": rows, "split": split, "warnings": warnings, "runs": runs}, indent=1) + "\n")
     plot(runs, args.plot)
     print("\n" + text + f"\nresults: {args.out}/results.json, results.md; plot: {args.plot}")

@@ -68,6 +68,40 @@ def test_summary_reports_the_equal_step_bound_per_seed():
     assert "`--equal-steps`" in text and "stdlib 10m seed 0 +0.0200." in text
 
 
+def test_summary_reports_the_larger_final_evaluation_when_every_run_has_it():
+    runs = [_run("MoE", 0, 2.10, 1000, [(1000, 2.10)]), _run("dense", 0, 2.15, 1100, [(1100, 2.15)]),
+            _run("MoE", 1, 2.10, 1000, [(1000, 2.10)]), _run("dense", 1, 2.12, 1100, [(1100, 2.12)])]
+    (row,) = study.summarize(runs)
+    assert "final_margins" not in row and "evaluated again" not in study.markdown([row], None, [])
+    for r, bpb, tokens in zip(runs, [2.11, 2.15, 2.08, 2.12], [8192, 8192, 8192, 4096]):
+        r["final_eval"] = {"val_bpb": bpb, "val_loss": 1.0, "tokens": tokens}
+    (row,) = study.summarize(runs)
+    assert row["final_margins"] == pytest.approx([0.04, 0.04]) and row["final_target_met"]
+    assert row["margins"] == pytest.approx([0.05, 0.02]) and not row["target_met"]  # the table's verdict is its own
+    text = study.markdown([row], None, [])
+    assert "stdlib 10m (4,096 tokens) +0.0400 / +0.0400, target met." in text
+
+
+def test_final_evaluation_reads_more_of_the_validation_split(tmp_path, monkeypatch):
+    import json
+
+    from leanmoe.train import TrainConfig, Trainer
+    from tests.util import MICRO_TRAIN, write_corpus
+
+    monkeypatch.setenv("LEANMOE_CACHE", str(tmp_path / "cache"))
+    write_corpus(tmp_path / "corpus")
+    (tmp_path / "micro.json").write_text(json.dumps(MICRO_TRAIN))
+    tc = TrainConfig(config=str(tmp_path / "micro.json"), data=[str(tmp_path / "corpus")], out=str(tmp_path / "run"),
+                     max_steps=1, seq_len=16, batch_size=2, eval_batches=1, sample_tokens=0, progress=False)
+    trainer = Trainer(tc)
+    trainer.train()
+    small, big = study.final_evaluation(trainer, 1), study.final_evaluation(trainer, 10**6)
+    windows = (len(trainer.shards.val) - 1) // 16
+    assert small["tokens"] == trainer.tc.micro_batch_size * 16 < big["tokens"] == windows * 16
+    assert small["val_bpb"] == pytest.approx(trainer.state.last_eval["val_bpb"])  # the trainer's own windows
+    assert big["val_bpb"] != small["val_bpb"]
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_step_split_times_the_expert_layout_training_runs(bf16):
     """time_moe times MoE.gather_rows / experts / combine_rows in the layout MoE.routed picks under

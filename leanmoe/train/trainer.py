@@ -466,11 +466,13 @@ class Trainer:
                                                 ("seconds", tc.time_budget)) if v))
 
     # ------------------------------------------------------------------ helpers
-    def evaluate(self) -> dict[str, Any]:
-        """Validation loss (nats/token) and bits per byte over fixed windows, plus samples."""
+    def evaluate(self, max_batches: int | None = None) -> dict[str, Any]:
+        """Validation loss (nats/token) and bits per byte over fixed windows (the first
+        `max_batches` batches, default --eval-batches), plus samples."""
         tc = self.tc
         return evaluate(self.model, self.tokenizer, self.shards.val, batch_size=tc.micro_batch_size,
-                        seq_len=tc.seq_len, max_batches=tc.eval_batches, sample_tokens=tc.sample_tokens, seed=tc.seed,
+                        seq_len=tc.seq_len, max_batches=max_batches or tc.eval_batches,
+                        sample_tokens=tc.sample_tokens, seed=tc.seed,
                         device=self.device, world=self.world, autocast=self._autocast)
 
     def _autocast(self):
