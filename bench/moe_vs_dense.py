@@ -20,6 +20,7 @@ evaluation varies by ~0.02 bits/byte between runs), reported beside the table.
     python bench/moe_vs_dense.py --out runs/study                          # 10m and 30m, seeds 0-2, 2 corpora
     python bench/moe_vs_dense.py --out runs/study --resume-study           # continue it after a stop
     python bench/moe_vs_dense.py --budgets 15s --seeds 0 --corpora stdlib  # a smoke run
+    python bench/moe_vs_dense.py --set num_nextn_predict_layers=0          # the preset without MTP
 
 --equal-steps also trains the MoE, after each pair, for the dense twin's step count: the margin the
 MoE would reach if its layers cost no more time than the dense MLP, the most any speed-up can buy.
@@ -69,6 +70,23 @@ def dense_equivalent(cfg: ModelConfig, multiple: int = 8) -> ModelConfig:
 
 
 # ---------------------------------------------------------------------------- plain helpers (tested)
+def parse_overrides(items: list[str]) -> dict:
+    """--set's KEY=VALUE items as ModelConfig field overrides; VALUE is JSON (a bare word is a string)."""
+    import dataclasses
+
+    fields, out = {f.name for f in dataclasses.fields(ModelConfig)}, {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY a ModelConfig field "
+                             f"(e.g. num_nextn_predict_layers=0)")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def corpus_spec(name: str) -> list[str] | None:
     """--data specs for a corpus name: None for `stdlib`, torch's .py files for `torch`, else [name]."""
     return {"stdlib": None, "torch": [str(Path(torch.__file__).parent / "**" / "*.py")]}.get(name, [name])
@@ -472,6 +490,8 @@ def plot(runs: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", help="the MoE preset; its dense twin is derived from it")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="change the MoE preset's fields before deriving the twin, e.g. num_nextn_predict_layers=0")
     ap.add_argument("--budgets", "--budget", nargs="+", default=["10m", "30m"], help="wall-clock time per run")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--corpora", "--data", nargs="+", default=["stdlib", "torch"],
@@ -503,6 +523,8 @@ def main() -> None:
     args = ap.parse_args()
     try:
         budgets_s = [parse_duration(b) for b in args.budgets]
+        overrides = parse_overrides(args.set)
+        moe = ModelConfig.from_preset(args.preset, **overrides)
     except ValueError as e:
         ap.error(str(e))
     args.out = args.out or Path(tempfile.mkdtemp(prefix="moe_vs_dense-"))
@@ -511,10 +533,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     info = machine_info()
-    moe = ModelConfig.from_preset(args.preset)
     configs = {"MoE": moe, "dense": dense_equivalent(moe)}
     for name, cfg in configs.items():
-        cfg.save(args.out / f"{name}.config.json")
+        path = args.out / f"{name}.config.json"
+        if args.resume_study and path.is_file() and ModelConfig.from_pretrained(path) != cfg:  # its runs would be reused
+            sys.exit(f"{args.out} holds a study of another {name} config ({path}); use the same --preset and --set, "
+                     "or another --out")
+        cfg.save(path)
         n = cfg.num_params()
         print(f"{name}: {n.total / 1e6:.2f}M params, {n.activated / 1e6:.2f}M activated", flush=True)
     tokenizers = {c: corpus_tokenizer(c, moe, args.out) for c in args.corpora}
@@ -542,9 +567,10 @@ def main() -> None:
                                 info, max_steps=dense["steps"], warmup_steps=warmup))
     rows = summarize(runs)
     warnings = [w for r in [*runs, *(split[m] for m in MODELS if split)] for w in r.get("warnings", [])]
+    preset = args.preset + (f" ({', '.join(args.set)})" if args.set else "")
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     head = (f"{dt.date.today()}, {info['machine']}, torch {info['torch']}, commit {info['git_commit']}: `{command}`; "
-            f"{args.preset} MoE ({configs['MoE'].num_params().activated / 1e6:.2f}M activated) vs its dense twin "
+            f"{preset} MoE ({configs['MoE'].num_params().activated / 1e6:.2f}M activated) vs its dense twin "
             f"({configs['dense'].num_params().activated / 1e6:.2f}M), budgets {', '.join(args.budgets)} "
             f"({', '.join(f'{b:.0f}s' for b in budgets_s)}), seeds {args.seeds}"
             f"{f', the routed experts at {args.expert_lr_scale:g}x the learning rate' if args.expert_lr_scale != 1 else ''}.\n\n")
@@ -552,7 +578,7 @@ def main() -> None:
     (args.out / "results.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(
         {"meta": {**info, "command": command, "date": dt.datetime.now().isoformat(timespec="seconds"),
-                  "preset": args.preset, "expert_lr_scale": args.expert_lr_scale, "eval_interval": args.eval_interval, "eval_batches": args.eval_batches,
+                  "preset": args.preset, "set": overrides, "expert_lr_scale": args.expert_lr_scale, "eval_interval": args.eval_interval, "eval_batches": args.eval_batches,
                   "final_eval_batches": args.final_eval_batches},
          "summary": rows, "split": split, "warnings": warnings, "runs": runs}, indent=1) + "\n")
     plot(runs, args.plot)

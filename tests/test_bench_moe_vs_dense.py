@@ -136,6 +136,29 @@ def test_step_split_times_the_expert_layout_training_runs(bf16):
         assert row_M is None and x_PD.shape[0] == 2 * 9 * moe.top_k
 
 
+def test_set_overrides_preset_fields_and_names_a_bad_one():
+    assert study.parse_overrides(["num_nextn_predict_layers=0", "scoring_func=softmax", "n_group=1"]) == {
+        "num_nextn_predict_layers": 0, "scoring_func": "softmax", "n_group": 1}
+    for bad in ("num_nextn_predict_layers", "no_such_field=1"):
+        with pytest.raises(ValueError, match="KEY=VALUE with KEY a ModelConfig field"):
+            study.parse_overrides([bad])
+
+
+def test_resuming_a_study_with_another_config_stops_before_any_run(tmp_path):
+    import subprocess
+    import sys
+
+    from leanmoe import ModelConfig
+
+    ModelConfig.from_preset("tiny").save(tmp_path / "MoE.config.json")  # a study of the preset as it is
+    (tmp_path / "runs").mkdir()
+    proc = subprocess.run([sys.executable, str(Path(study.__file__)), "--out", str(tmp_path), "--resume-study",
+                           "--set", "num_nextn_predict_layers=0", "--no-split", "--corpora", "stdlib"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "holds a study of another MoE config" in proc.stderr
+    assert ModelConfig.from_pretrained(tmp_path / "MoE.config.json") == ModelConfig.from_preset("tiny")  # untouched
+
+
 def test_expert_learning_rate_scale_applies_to_the_moe_runs_only():
     from argparse import Namespace
 
