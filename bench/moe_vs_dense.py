@@ -323,10 +323,8 @@ def final_evaluation(trainer, max_batches: int) -> dict:
     """The trained model on up to `max_batches` validation batches (the whole split if smaller),
     after its clock stopped: {"val_bpb", "val_loss", "tokens"}. Its first windows are the ones every
     --eval-interval evaluation used; both models of a seed get the same windows."""
-    tc = trainer.tc
     ev = trainer.evaluate(max_batches=max_batches)
-    windows = min((len(trainer.shards.val) - 1) // tc.seq_len, max_batches * tc.micro_batch_size)
-    return {"val_bpb": ev["val_bpb"], "val_loss": ev["val_loss"], "tokens": windows * tc.seq_len}
+    return {"val_bpb": ev["val_bpb"], "val_loss": ev["val_loss"], "tokens": ev["val_tokens"]}
 
 
 # ---------------------------------------------------------------------------- step-time split

@@ -25,10 +25,10 @@ __all__ = ["validation_loss", "sample", "evaluate"]
 @torch.no_grad()
 def validation_loss(model: Transformer, val_tokens: np.ndarray, token_bytes: list[int], *, batch_size: int,
                     seq_len: int, max_batches: int, device: torch.device, world: World,
-                    autocast=contextlib.nullcontext) -> tuple[float, float, torch.Tensor]:
-    """(mean loss in nats/token, bits per UTF-8 byte, the first batch's input ids) over at most
-    `max_batches` batches of fixed windows (at least one per rank). Special tokens (0 bytes) count
-    in the loss but not in bits per byte."""
+                    autocast=contextlib.nullcontext) -> tuple[float, float, torch.Tensor, int]:
+    """(mean loss in nats/token, bits per UTF-8 byte, the first batch's input ids, tokens scored on
+    all ranks) over at most `max_batches` batches of fixed windows (at least one per rank). Special
+    tokens (0 bytes) count in the loss but not in bits per byte."""
     byte_len = torch.as_tensor(np.asarray(token_bytes), device=device)
     nats = bpb_nats = 0.0
     count = n_bytes = 0
@@ -48,7 +48,7 @@ def validation_loss(model: Transformer, val_tokens: np.ndarray, token_bytes: lis
     nats, count, bpb_nats, n_bytes = sums.tolist()
     # prompts for samples: rank 0's first batch on every rank (decoding runs in lockstep)
     first = batches[0][0] if world.rank == 0 else next(eval_batches(val_tokens, batch_size, seq_len, 1))[0]
-    return nats / max(count, 1), bpb_nats / math.log(2) / max(n_bytes, 1), first
+    return nats / max(count, 1), bpb_nats / math.log(2) / max(n_bytes, 1), first, int(count)
 
 
 @torch.no_grad()
@@ -80,15 +80,16 @@ def sample(model: Transformer, prompt: list[int], n_tokens: int, device: torch.d
 def evaluate(model: Transformer, tokenizer, val_tokens: np.ndarray, *, batch_size: int, seq_len: int,
              max_batches: int, sample_tokens: int, seed: int, device: torch.device, world: World,
              autocast=contextlib.nullcontext, n_samples: int = 3) -> dict[str, Any]:
-    """{"val_loss", "val_bpb", "samples": [{"prompt", "completion"}, ...]}: the validation loss and
-    up to `n_samples` completions of the first 8 tokens of the first validation windows. The model
-    is put back in training mode."""
+    """{"val_loss", "val_bpb", "val_tokens", "samples": [{"prompt", "completion"}, ...]}: the
+    validation loss over "val_tokens" scored tokens (all ranks together) and up to `n_samples`
+    completions of the first 8 tokens of the first validation windows. The model is put back in
+    training mode."""
     model.eval()
     try:
-        val_loss, val_bpb, prompts = validation_loss(model, val_tokens, tokenizer.token_bytes(),
-                                                     batch_size=batch_size, seq_len=seq_len,
-                                                     max_batches=max_batches, device=device, world=world,
-                                                     autocast=autocast)
+        val_loss, val_bpb, prompts, n_scored = validation_loss(model, val_tokens, tokenizer.token_bytes(),
+                                                               batch_size=batch_size, seq_len=seq_len,
+                                                               max_batches=max_batches, device=device, world=world,
+                                                               autocast=autocast)
         samples = []
         for i in range(min(n_samples, prompts.shape[0])):
             prompt = prompts[i, :8].tolist()
@@ -96,4 +97,4 @@ def evaluate(model: Transformer, tokenizer, val_tokens: np.ndarray, *, batch_siz
             samples.append({"prompt": tokenizer.decode(prompt), "completion": tokenizer.decode(out)})
     finally:
         model.train()
-    return {"val_loss": val_loss, "val_bpb": val_bpb, "samples": samples}
+    return {"val_loss": val_loss, "val_bpb": val_bpb, "val_tokens": n_scored, "samples": samples}
