@@ -11,7 +11,7 @@ cache would hold, with the same arithmetic for the DeepSeek-V3 shape.
 
     python bench/decode.py                             # tiny preset, batch 1 and 16, CPU
     python bench/decode.py --batch-sizes 1 4 16 64 --new-tokens 128
-    python bench/decode.py --checkpoint runs/tiny --speculative   # a trained model: MTP drafts
+    python bench/decode.py --checkpoint runs/mtp --speculative    # trained with --mtp-layers 1: MTP drafts
 """
 
 from __future__ import annotations

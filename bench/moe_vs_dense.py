@@ -519,6 +519,10 @@ def main() -> None:
                          "speed-up of the MoE can buy")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
     args = ap.parse_args()
+    for flag, least in (("eval_interval", 1), ("eval_batches", 1), ("final_eval_batches", 0), ("split_steps", 1),
+                        ("split_repeats", 1), ("settle", 0)):
+        if getattr(args, flag) < least:
+            ap.error(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
     try:
         budgets_s = [parse_duration(b) for b in args.budgets]
         overrides = parse_overrides(args.set)

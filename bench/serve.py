@@ -7,7 +7,7 @@ asking for exactly --max-tokens tokens (ignore_eos). Reports tokens/s over the w
 the number of failed requests (any error, non-200, or a stream not ending in [DONE]).
 
     python bench/serve.py                                  # tiny preset, random weights
-    python bench/serve.py --checkpoint runs/tiny --speculative --concurrency 64 --requests 256
+    python bench/serve.py --checkpoint runs/mtp --speculative --concurrency 64 --requests 256  # --mtp-layers 1
 """
 
 from __future__ import annotations

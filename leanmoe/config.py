@@ -474,7 +474,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # no group-limited routing: it bounds cross-device traffic, and on one device it only narrows
         # the choice (5-minute screen: 0.022 lower val bits/byte, 5% more tokens/s; docs/benchmarks.md)
         first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=1.0,
-        num_nextn_predict_layers=1,
+        # no MTP module: at this size it costs a quarter of every step and is worth ~0.01 val bits/byte
+        # per step; without it a 10-minute CPU run takes ~1.3x the steps and ends lower (docs/benchmarks.md)
+        num_nextn_predict_layers=0,
         bias_update_speed=0.01,  # runs of a few hundred steps: V3's 1e-3 would balance too slowly
     ),
     # A single-GPU model: ~0.6B total, ~0.15B activated.

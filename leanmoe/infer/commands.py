@@ -105,8 +105,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generate_to(llm, args.prompt, _params(args, ignore_eos=args.ignore_eos))
     if args.stats:
         s = llm.stats()
-        print(f"[{s['generated_tokens']} tokens in {s['steps']} steps; draft acceptance {s['acceptance_rate']:.2f}]",
-              file=sys.stderr)
+        drafts = f"draft acceptance {s['acceptance_rate']:.2f}" if llm.config.speculative else "no MTP drafts"
+        print(f"[{s['generated_tokens']} tokens in {s['steps']} steps; {drafts}]", file=sys.stderr)
     return 0
 
 

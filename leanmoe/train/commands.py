@@ -73,6 +73,7 @@ def cmd_train(args) -> int:
         warmup_steps=args.warmup_steps, schedule=args.schedule, eval_interval=args.eval_interval,
         save_interval=args.save_interval, keep_last=args.keep_last, seed=args.seed, device=args.device,
         dtype=args.dtype, compile=args.compile, resume=args.resume, mtp_weight=args.mtp_weight, fp8=args.fp8,
+        mtp_layers=args.mtp_layers,
         expert_lr_scale=args.expert_lr_scale,
         price_per_hour=args.price_per_hour, gpu=args.gpu, progress=not args.quiet,
         eval_tasks=[t for t in args.eval_tasks.split(",") if t] if args.eval_tasks else None,
@@ -176,6 +177,8 @@ def register(subparsers) -> None:
                     help=f"learning-rate schedule after the warm-up (default {TrainConfig.schedule}); wsd holds the "
                     f"peak, then decays over the last {TrainConfig.decay_fraction:.0%}% of the budget")
     tr.add_argument("--mtp-weight", type=float, help="MTP loss weight (default: the config's, 0.3)")
+    tr.add_argument("--mtp-layers", type=int, help="multi-token prediction modules (default: the preset's; tiny has "
+                                                   "none, small 1); a module also drafts for speculative decoding")
     tr.add_argument("--fp8", action="store_true", help="train linear layers and experts in fine-grained FP8 "
                     "(DeepSeek-V3 section 3.3; emulated on CPU)")
     tr.add_argument("--eval-interval", type=int)

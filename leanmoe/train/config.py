@@ -89,6 +89,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     mtp_weight: float | None = None  # None: the model config's mtp_loss_weight
+    mtp_layers: int | None = None  # MTP modules; None: the model config's num_nextn_predict_layers
     fp8: bool = False  # convert linear layers and experts to fine-grained FP8 after building the model
     bias_update_speed: float | None = None  # None: the model config's
     # the routed experts' learning rate, as a multiple of lr. Each expert sees only top-k / n_experts of

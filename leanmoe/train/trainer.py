@@ -62,7 +62,7 @@ __all__ = ["Trainer", "TrainResult", "TrainingError", "train"]
 
 # what a run is: a resumed run keeps these (its loader, tokenizer and weights depend on them)
 RESUME_FIXED = ("preset", "config", "data", "tokenizer", "val_fraction", "stream_limit", "seed", "fp8", "mtp_weight",
-                "bias_update_speed", "expert_lr_scale")
+                "mtp_layers", "bias_update_speed", "expert_lr_scale")
 
 
 @dataclass
@@ -191,9 +191,17 @@ class Trainer:
         changes = {}
         if tc.mtp_weight is not None:
             changes["mtp_loss_weight"] = tc.mtp_weight
+        if tc.mtp_layers is not None:
+            if not (isinstance(tc.mtp_layers, int) and 0 <= tc.mtp_layers <= 8):
+                raise TrainingError(f"--mtp-layers {tc.mtp_layers}: must be a whole number from 0 to 8")
+            changes["num_nextn_predict_layers"] = tc.mtp_layers
         if tc.bias_update_speed is not None:
             changes["bias_update_speed"] = tc.bias_update_speed
-        return cfg.replace(**changes) if changes else cfg
+        cfg = cfg.replace(**changes) if changes else cfg
+        if tc.mtp_weight and not cfg.num_nextn_predict_layers:
+            raise TrainingError(f"--mtp-weight {tc.mtp_weight}: the model has no MTP module (num_nextn_predict_layers "
+                                "is 0); add one with --mtp-layers 1")
+        return cfg
 
     def _resumed_config(self, ckpt: Path) -> tuple[TrainConfig, dict[str, Any]]:
         """The run's saved config, with what may change on resume (budget, schedule, batch, device,

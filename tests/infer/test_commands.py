@@ -22,7 +22,10 @@ def test_generate_streams_to_stdout(checkpoint, capsys):
     out, err = capsys.readouterr()
     ref = LLM(checkpoint).generate("Once upon a time", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     assert out == ref.text + "\n"
-    assert "8 tokens" in err
+    assert "8 tokens" in err and "draft acceptance" in err  # the checkpoint has an MTP module
+    args = parser().parse_args(["generate", str(checkpoint), "hi", "--max-tokens", "2", "--no-speculative", "--stats"])
+    assert args.func(args) == 0
+    assert "no MTP drafts" in capsys.readouterr().err
 
 
 def test_chat_loop_keeps_history_and_resets(checkpoint):

@@ -75,7 +75,9 @@ def test_prefill_over_a_cached_prefix():
 def test_bytes_per_token_is_latent_only():
     tiny = ModelConfig.from_preset("tiny")
     c = PagedLatentCache(tiny, num_blocks=1, block_size=64)
-    assert c.bytes_per_token == (6 + 1) * (64 + 16) * 4  # layers (MTP included) x (C + R) x fp32
+    assert c.bytes_per_token == 6 * (64 + 16) * 4  # layers x (C + R) x fp32
+    c = PagedLatentCache(tiny.replace(num_nextn_predict_layers=1), num_blocks=1, block_size=64)
+    assert c.bytes_per_token == (6 + 1) * (64 + 16) * 4  # the MTP module's layer has its cache too
     v3 = ModelConfig.from_preset("deepseek-v3")
     per_layer_latent = v3.kv_lora_rank + v3.qk_rope_head_dim
     per_layer_expanded = v3.num_attention_heads * (v3.qk_head_dim + v3.v_head_dim)

@@ -22,7 +22,7 @@ ELAPSED, TOKENS, TPS = 72.0, 3 * 8 * 32, 1000.0
 
 @pytest.fixture(scope="module")
 def tiny() -> ModelConfig:
-    return ModelConfig.from_preset("tiny")
+    return ModelConfig.from_preset("tiny").replace(num_nextn_predict_layers=1)  # with an MTP module's load row
 
 
 @pytest.fixture(scope="module")

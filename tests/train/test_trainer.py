@@ -192,6 +192,18 @@ def test_dense_model_trains_and_reports(tmp_path, corpus):
     assert "No MoE layers in this model." in (Path(result.run_dir) / "report.md").read_text()
 
 
+def test_mtp_layers_overrides_the_config_and_an_mtp_weight_needs_a_module(tmp_path, corpus):
+    result = Trainer(_tc(tmp_path, corpus, name="nomtp", mtp_layers=0, max_steps=2)).train()
+    saved = json.loads((latest_checkpoint(result.run_dir) / "config.json").read_text())
+    assert saved["num_nextn_predict_layers"] == 0 and MICRO["num_nextn_predict_layers"] == 1
+    assert all(json.loads(line)["mtp_loss"] == 0 for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines())
+    with pytest.raises(TrainingError, match="no MTP module .* --mtp-layers 1"):
+        Trainer(_tc(tmp_path, corpus, name="w", mtp_layers=0, mtp_weight=0.3, max_steps=1)).train()
+    assert not (tmp_path / "w").exists()  # refused before anything was written
+    with pytest.raises(TrainingError, match="mtp-layers"):
+        Trainer(_tc(tmp_path, corpus, name="bad", mtp_layers=-1, max_steps=1)).train()
+
+
 def test_fp8_flag_trains_in_fp8(tmp_path, corpus):
     trainer = Trainer(_tc(tmp_path, corpus, fp8=True, max_steps=3))
     result = trainer.train()
