@@ -144,28 +144,29 @@ def test_set_overrides_preset_fields_and_names_a_bad_one():
             study.parse_overrides([bad])
 
 
-def test_resuming_a_study_with_another_config_stops_before_any_run(tmp_path):
+def _study_cli(*argv: str):
+    """bench/moe_vs_dense.py run as a user runs it, in a process of its own."""
     import subprocess
     import sys
 
+    return subprocess.run([sys.executable, str(Path(study.__file__)), *argv], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_resuming_a_study_with_another_config_stops_before_any_run(tmp_path):
     from leanmoe import ModelConfig
 
     ModelConfig.from_preset("tiny").save(tmp_path / "MoE.config.json")  # a study of the preset as it is
     (tmp_path / "runs").mkdir()
-    proc = subprocess.run([sys.executable, str(Path(study.__file__)), "--out", str(tmp_path), "--resume-study",
-                           "--set", "num_nextn_predict_layers=1", "--no-split", "--corpora", "stdlib"],
-                          capture_output=True, text=True, timeout=120)
+    proc = _study_cli("--out", str(tmp_path), "--resume-study", "--set", "num_nextn_predict_layers=1", "--no-split",
+                      "--corpora", "stdlib")
     assert proc.returncode != 0 and "holds a study of another MoE config" in proc.stderr
     assert ModelConfig.from_pretrained(tmp_path / "MoE.config.json") == ModelConfig.from_preset("tiny")  # untouched
 
 
 def test_counts_below_their_least_value_are_refused_before_any_run(tmp_path):
-    import subprocess
-    import sys
-
     for flag, value in (("--final-eval-batches", "-1"), ("--eval-interval", "0"), ("--eval-batches", "0")):
-        proc = subprocess.run([sys.executable, str(Path(study.__file__)), "--out", str(tmp_path / "s"), flag, value],
-                              capture_output=True, text=True, timeout=120)
+        proc = _study_cli("--out", str(tmp_path / "s"), flag, value)
         assert proc.returncode == 2 and f"{flag} must be >= " in proc.stderr, (flag, proc.stderr)
     assert not (tmp_path / "s").exists()  # refused before the study folder was made
 
