@@ -4,7 +4,10 @@ Trains the MoE preset (default `tiny`) and its dense twin (`dense_equivalent`: s
 a dense SwiGLU sized to the same activated parameters) for equal wall-clock budgets, over seeds and
 corpora. Per corpus both models share one tokenizer (trained once, passed as TrainConfig.tokenizer);
 per seed the data order; always the batch, learning rate and validation windows. The two runs of a
-(corpus, budget, seed) pair run back to back, the order flipping every pair, so drift hits both.
+(corpus, budget, seed) pair share the machine in turns of --interleave steps, each turn going to
+the run whose clock is behind; a run's clock (its budget and learning-rate schedule) counts only
+its own turns, so a change in the host's speed hits both alike. --interleave 0 runs them back to
+back instead, the order flipping every pair.
 Corpora: `stdlib` (the Python standard library, leanmoe's default), `torch` (the installed torch
 package's .py files, ~46 MB: present wherever leanmoe runs, and other code than the stdlib), or any
 --data spec (folder, glob, file.jsonl, hf:NAME).
@@ -21,6 +24,7 @@ evaluation varies by ~0.02 bits/byte between runs), reported beside the table.
     python bench/moe_vs_dense.py --out runs/study --resume-study           # continue it after a stop
     python bench/moe_vs_dense.py --budgets 15s --seeds 0 --corpora stdlib  # a smoke run
     python bench/moe_vs_dense.py --set num_nextn_predict_layers=0          # the preset without MTP
+    python bench/moe_vs_dense.py --interleave 0                            # each pair back to back
 
 --equal-steps also trains the MoE, after each pair, for the dense twin's step count: the margin the
 MoE would reach if its layers cost no more time than the dense MLP, the most any speed-up can buy.
@@ -40,6 +44,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from itertools import groupby
 from pathlib import Path
 from statistics import mean, median
 
@@ -273,50 +278,107 @@ def read_curve(run_dir: Path) -> list[list[float]]:
     return [[r["step"], r["tokens"], r["elapsed"], r["val_bpb"]] for r in recs if r.get("val_bpb") is not None]
 
 
-def run_one(args, corpus: str, budget: str, seed: int, model: str, cfg_path: Path, tokenizer: Path,
-            info: dict, max_steps: int | None = None, warmup_steps: int | None = None) -> dict:
-    """One training run: `budget` of wall-clock, or max_steps steps (then no time limit; the
-    learning-rate schedule has the same shape, over steps instead of seconds, given the timed
-    run's warmup_steps)."""
-    run_dir = args.out / "runs" / slug(corpus) / slug(budget) / f"seed{seed}" / model
+def run_folder(args, corpus: str, budget: str, seed: int, model: str) -> Path:
+    return args.out / "runs" / slug(corpus) / slug(budget) / f"seed{seed}" / model
+
+
+def finished_run(args, run_dir: Path, model: str, max_steps: int | None = None,
+                 warmup_steps: int | None = None) -> dict | None:
+    """The record of a run --resume-study can keep: finished, with this study's settings."""
     done = run_dir / "study_result.json"
-    if done.is_file() and args.resume_study:
-        rec = json.loads(done.read_text())
-        same_lr = rec.get("expert_lr_scale", 1.0) == expert_lr_scale(args, model)
-        if same_lr and (max_steps is None or (rec["steps"], rec.get("warmup_steps")) == (max_steps, warmup_steps)):
-            print(f"[skip] {corpus} {budget} seed {seed} {model}: finished in {run_dir}", flush=True)
-            return rec
-    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over: its clock cannot be resumed fairly
-    load_before = settle(args.settle)
-    print(f"[run] {corpus} {budget} seed {seed} {model}; load average {load_before[0]:.2f}", flush=True)
+    if not (done.is_file() and args.resume_study):
+        return None
+    rec = json.loads(done.read_text())
+    same = (rec.get("expert_lr_scale", 1.0) == expert_lr_scale(args, model)
+            and rec.get("interleave", 0) == (0 if max_steps is not None else args.interleave))
+    if same and (max_steps is None or (rec["steps"], rec.get("warmup_steps")) == (max_steps, warmup_steps)):
+        print(f"[skip] {rec['corpus']} {rec['budget']} seed {rec['seed']} {model}: finished in {run_dir}", flush=True)
+        return rec
+    return None
+
+
+def make_trainer(args, corpus: str, budget: str, seed: int, model: str, cfg_path: Path, tokenizer: Path,
+                 max_steps: int | None = None, warmup_steps: int | None = None) -> Trainer:
+    """A Trainer for one run of the study, in a fresh run folder (an unfinished run starts over: its
+    clock cannot be resumed fairly)."""
+    run_dir = run_folder(args, corpus, budget, seed, model)
+    shutil.rmtree(run_dir, ignore_errors=True)
     tc = TrainConfig(config=str(cfg_path), data=corpus_spec(corpus), tokenizer=str(tokenizer), out=str(run_dir),
                      time_budget=None if max_steps is not None else parse_duration(budget), max_steps=max_steps,
                      warmup_steps=warmup_steps, seed=seed, seq_len=args.seq_len, batch_size=args.batch_size,
                      eval_interval=args.eval_interval, eval_batches=args.eval_batches, sample_tokens=0,
                      save_interval=10**9, keep_last=1, device=args.device, dtype=args.dtype,
                      progress=not args.no_progress, expert_lr_scale=expert_lr_scale(args, model))
-    trainer = Trainer(tc)
-    res = trainer.train()
-    final = final_evaluation(trainer, args.final_eval_batches) if args.final_eval_batches and not res.interrupted else None
+    return Trainer(tc)
+
+
+def record(args, corpus: str, budget: str, seed: int, model: str, trainer: Trainer, res, info: dict,
+           load_before: list[float], load_after: list[float], warns: list[str], **extra) -> dict:
+    """A finished run's study_result.json (its final evaluation run here, outside its clock)."""
+    if res.interrupted:
+        sys.exit(f"interrupted during {trainer.run_dir}; continue with --resume-study --out {args.out}")
+    final = final_evaluation(trainer, args.final_eval_batches) if args.final_eval_batches else None
     trainer.close()
-    load_after = [round(x, 2) for x in os.getloadavg()]
-    warns = load_warnings(f"{corpus} {budget} seed {seed} {model}", load_before, load_after)
     rec = {"corpus": corpus, "budget": budget, "budget_s": parse_duration(budget), "seed": seed, "model": model,
            "steps": res.steps, "tokens": res.tokens, "tokens_per_second": res.tokens_per_second,
            "elapsed": res.elapsed, "val_bpb": res.val_bpb, "val_loss": res.val_loss, "interrupted": res.interrupted,
            "batch": [trainer.tc.batch_size, trainer.tc.seq_len], "lr": trainer.tc.lr,
            "warmup_steps": trainer.tc.warmup_steps, "dtype": trainer.tc.dtype,
-           "expert_lr_scale": trainer.tc.expert_lr_scale,
-           "load_before": load_before, "load_after": load_after, "warnings": warns, "run_dir": str(run_dir),
-           "date": dt.datetime.now().isoformat(timespec="seconds"), **info, "curve": read_curve(run_dir)}
+           "expert_lr_scale": trainer.tc.expert_lr_scale, **extra,
+           "load_before": load_before, "load_after": load_after, "warnings": warns, "run_dir": str(trainer.run_dir),
+           "date": dt.datetime.now().isoformat(timespec="seconds"), **info, "curve": read_curve(trainer.run_dir)}
     if final is not None:
         rec["final_eval"] = final
-    if res.interrupted:
-        sys.exit(f"interrupted during {run_dir}; continue with --resume-study --out {args.out}")
     if not args.keep_checkpoints:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    done.write_text(json.dumps(rec, indent=1) + "\n")
+        shutil.rmtree(trainer.run_dir / "checkpoints", ignore_errors=True)
+    (trainer.run_dir / "study_result.json").write_text(json.dumps(rec, indent=1) + "\n")
     return rec
+
+
+def run_one(args, corpus: str, budget: str, seed: int, model: str, cfg_path: Path, tokenizer: Path,
+            info: dict, max_steps: int | None = None, warmup_steps: int | None = None) -> dict:
+    """One training run alone: `budget` of wall-clock, or max_steps steps (then no time limit; the
+    learning-rate schedule has the same shape, over steps instead of seconds, given the timed
+    run's warmup_steps)."""
+    rec = finished_run(args, run_folder(args, corpus, budget, seed, model), model, max_steps, warmup_steps)
+    if rec is not None:
+        return rec
+    trainer = make_trainer(args, corpus, budget, seed, model, cfg_path, tokenizer, max_steps, warmup_steps)
+    load_before = settle(args.settle)
+    print(f"[run] {corpus} {budget} seed {seed} {model}; load average {load_before[0]:.2f}", flush=True)
+    res = trainer.train()
+    load_after = [round(x, 2) for x in os.getloadavg()]
+    warns = load_warnings(f"{corpus} {budget} seed {seed} {model}", load_before, load_after)
+    return record(args, corpus, budget, seed, model, trainer, res, info, load_before, load_after, warns,
+                  interleave=0)
+
+
+def run_turns(args, corpus: str, budget: str, seed: int, models: list[str], tokenizer: Path, info: dict) -> list[dict]:
+    """A pair sharing the machine in turns of --interleave steps: each turn goes to the run whose
+    clock is behind (ties to the first of `models`), and each run's clock counts only its turns,
+    so both runs see the same host. A pair is kept or rerun whole (its clocks ran together)."""
+    kept = [finished_run(args, run_folder(args, corpus, budget, seed, m), m) for m in models]
+    if all(kept):
+        return kept
+    trainers = {m: make_trainer(args, corpus, budget, seed, m, args.out / f"{m}.config.json", tokenizer) for m in models}
+    load_before = settle(args.settle)
+    print(f"[run] {corpus} {budget} seed {seed} {' and '.join(models)} in turns of {args.interleave} steps; "
+          f"load average {load_before[0]:.2f}", flush=True)
+    for t in trainers.values():
+        t.setup()
+    results, turns = {}, dict.fromkeys(models, 0)
+    while len(results) < len(models):
+        model = min((m for m in models if m not in results), key=lambda m: trainers[m].state.elapsed)
+        res = trainers[model].train(stop_after=args.interleave)
+        turns[model] += 1
+        if res.interrupted:  # Ctrl-C or a signal: the other run stops too
+            sys.exit(f"interrupted during {trainers[model].run_dir}; continue with --resume-study --out {args.out}")
+        if not res.paused:
+            results[model] = res
+    load_after = [round(x, 2) for x in os.getloadavg()]
+    warns = load_warnings(f"{corpus} {budget} seed {seed} {' and '.join(models)}", load_before, load_after)
+    return [record(args, corpus, budget, seed, m, trainers[m], results[m], info, load_before, load_after, warns,
+                   interleave=args.interleave, turns=turns[m]) for m in models]
 
 
 def final_evaluation(trainer, max_batches: int) -> dict:
@@ -518,9 +580,11 @@ def main() -> None:
                          "the margin an MoE layer costing no more than the dense MLP would reach, the most any "
                          "speed-up of the MoE can buy")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
+    ap.add_argument("--interleave", type=int, default=10, metavar="STEPS",
+                    help="steps per turn of a pair sharing the machine (0: run the pair back to back)")
     args = ap.parse_args()
     for flag, least in (("eval_interval", 1), ("eval_batches", 1), ("final_eval_batches", 0), ("split_steps", 1),
-                        ("split_repeats", 1), ("settle", 0)):
+                        ("split_repeats", 1), ("settle", 0), ("interleave", 0)):
         if getattr(args, flag) < least:
             ap.error(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
     try:
@@ -558,11 +622,15 @@ def main() -> None:
         split["batch"] = split["MoE"]["batch"]
 
     runs = []
-    for corpus, budget, seed, model in run_plan(args.corpora, args.budgets, args.seeds):
-        runs.append(run_one(args, corpus, budget, seed, model, args.out / f"{model}.config.json",
-                            tokenizers[corpus], info))
-        pair = [r for r in runs[-2:] if (r["corpus"], r["budget"], r["seed"]) == (corpus, budget, seed)]
-        if args.equal_steps and {r["model"] for r in pair} == set(MODELS):  # the pair is complete
+    for (corpus, budget, seed), plan in groupby(run_plan(args.corpora, args.budgets, args.seeds), key=lambda p: p[:3]):
+        models = [p[3] for p in plan]
+        if args.interleave:
+            pair = run_turns(args, corpus, budget, seed, models, tokenizers[corpus], info)
+        else:
+            pair = [run_one(args, corpus, budget, seed, m, args.out / f"{m}.config.json", tokenizers[corpus], info)
+                    for m in models]
+        runs += pair
+        if args.equal_steps:
             dense = next(r for r in pair if r["model"] == "dense")
             warmup = dense.get("warmup_steps", 50)  # records before this key: the time-budget warmup then
             runs.append(run_one(args, corpus, budget, seed, EQUAL, args.out / "MoE.config.json", tokenizers[corpus],
@@ -575,12 +643,14 @@ def main() -> None:
             f"{preset} MoE ({configs['MoE'].num_params().activated / 1e6:.2f}M activated) vs its dense twin "
             f"({configs['dense'].num_params().activated / 1e6:.2f}M), budgets {', '.join(args.budgets)} "
             f"({', '.join(f'{b:.0f}s' for b in budgets_s)}), seeds {args.seeds}"
-            f"{f', the routed experts at {args.expert_lr_scale:g}x the learning rate' if args.expert_lr_scale != 1 else ''}.\n\n")
+            f"{f', the routed experts at {args.expert_lr_scale:g}x the learning rate' if args.expert_lr_scale != 1 else ''}"
+            f"{f', each pair in turns of {args.interleave} steps' if args.interleave else ', each pair back to back'}.\n\n")
     text = head + markdown(rows, split, warnings)
     (args.out / "results.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(
         {"meta": {**info, "command": command, "date": dt.datetime.now().isoformat(timespec="seconds"),
-                  "preset": args.preset, "set": overrides, "expert_lr_scale": args.expert_lr_scale, "eval_interval": args.eval_interval, "eval_batches": args.eval_batches,
+                  "preset": args.preset, "set": overrides, "expert_lr_scale": args.expert_lr_scale,
+                  "interleave": args.interleave, "eval_interval": args.eval_interval, "eval_batches": args.eval_batches,
                   "final_eval_batches": args.final_eval_batches},
          "summary": rows, "split": split, "warnings": warnings, "runs": runs}, indent=1) + "\n")
     plot(runs, args.plot)

@@ -150,7 +150,7 @@ def _study_cli(*argv: str):
     import sys
 
     return subprocess.run([sys.executable, str(Path(study.__file__)), *argv], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=300)
 
 
 def test_resuming_a_study_with_another_config_stops_before_any_run(tmp_path):
@@ -177,3 +177,34 @@ def test_expert_learning_rate_scale_applies_to_the_moe_runs_only():
     args = Namespace(expert_lr_scale=0.5)
     assert study.expert_lr_scale(args, "MoE") == study.expert_lr_scale(args, study.EQUAL) == 0.5
     assert study.expert_lr_scale(args, "dense") == 1.0  # the dense twin has no routed experts
+
+
+def test_a_pair_trains_in_turns_on_clocks_of_its_own(tmp_path):
+    """The whole study on a small corpus: both runs of the pair take turns of 3 steps, each turn to
+    the run whose clock is behind, and each spends its own budget, so together they take at least
+    twice the budget."""
+    import json
+    import time
+
+    from tests.util import write_corpus
+
+    write_corpus(tmp_path / "corpus")
+    t0 = time.perf_counter()
+    proc = _study_cli("--out", str(tmp_path / "s"), "--corpora", str(tmp_path / "corpus"), "--budgets", "4s",
+                      "--seeds", "0", "--no-split", "--seq-len", "32", "--batch-size", "4", "--eval-interval", "5",
+                      "--eval-batches", "1", "--final-eval-batches", "2", "--interleave", "3", "--settle", "0",
+                      "--no-progress", "--plot", str(tmp_path / "plot.png"))
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "s" / "results.json").read_text())
+    runs = {r["model"]: r for r in out["runs"]}
+    assert set(runs) == {"MoE", "dense"} and out["meta"]["interleave"] == 3
+    for r in runs.values():
+        assert r["elapsed"] >= 4.0 and r["interleave"] == 3 and r["turns"] == -(-r["steps"] // 3)
+        steps = [json.loads(line)["step"] for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, r["steps"] + 1))  # one run, continued turn after turn
+        assert r["curve"][-1][2] >= 4.0 and "final_eval" in r
+    assert min(r["turns"] for r in runs.values()) >= 2
+    assert runs["MoE"]["elapsed"] + runs["dense"]["elapsed"] < wall  # the clocks never overlap
+    assert "each pair in turns of 3 steps" in (tmp_path / "s" / "results.md").read_text()
+    assert (tmp_path / "plot.png").is_file()

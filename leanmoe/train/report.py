@@ -38,10 +38,11 @@ class TrainResult:
     final_loss: float | None
     val_loss: float | None
     val_bpb: float | None
-    tokens_per_second: float  # median over this call's steps
+    tokens_per_second: float  # median over the steps this process took
     checkpoint: Path | None
     report: Path | None
     interrupted: bool = False
+    paused: bool = False  # train(stop_after=N) returned before the budget was spent; train() again continues
     summary: dict[str, Any] = field(default_factory=dict)
 
 

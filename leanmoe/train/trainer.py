@@ -34,7 +34,7 @@ import datetime as dt
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ class RunState:
     last_loss: float | None = None
     last_eval: dict[str, Any] | None = None
     last_ckpt: Path | None = None
+    step_tps: list[float] = field(default_factory=list)  # tokens/s of each step this process took
 
 
 class Trainer:
@@ -281,8 +282,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self, stop_after: int | None = None) -> TrainResult:
-        """Run until the budget is spent (or `stop_after` steps in this call, for tests). A run that
-        fails before it has anything to show removes the run folder it created."""
+        """Run until the budget is spent. With `stop_after`, pause after that many steps of this call
+        (result.paused; no final evaluation or report): the next call continues the same run, whose
+        clock counts only the time spent inside train(), so two runs can share a machine in turns.
+        A run that fails before it has anything to show removes the run folder it created."""
         try:
             return self._train(stop_after)
         except BaseException:
@@ -298,10 +301,11 @@ class Trainer:
         # rank 0's clock, so every rank stops and schedules alike
         clock = lambda: world.broadcast_float(elapsed0 + time.perf_counter() - t_start)  # noqa: E731
         metrics = open(self.run_dir / "metrics.jsonl", "a") if world.is_rank0 else None
-        self._announce()
+        if s.step == self.start_state["step"]:  # not when a paused run continues
+            self._announce()
         self.display.open()
-        interrupted = stopping = False
-        steps, tps_history = 0, []
+        interrupted = stopping = paused = False
+        steps, tps_history = 0, s.step_tps
         try:
             with world.stop_on_signals() as signalled:
                 # a resumed run whose budget is already spent does nothing; otherwise the loop ends
@@ -314,8 +318,8 @@ class Trainer:
                     steps += 1
                     tps_history.append(rec["tokens_per_second"])
                     rec["elapsed"] = s.elapsed = clock()
-                    final = (self._progress(s.step, s.tokens, s.elapsed) >= 1.0 or stopping
-                             or (stop_after is not None and steps >= stop_after))
+                    final = self._progress(s.step, s.tokens, s.elapsed) >= 1.0 or stopping
+                    paused = not final and stop_after is not None and steps >= stop_after
                     if (s.step % tc.eval_interval == 0 or final) and not stopping:
                         s.last_eval = self.evaluate()
                         rec.update(val_loss=s.last_eval["val_loss"], val_bpb=s.last_eval["val_bpb"])
@@ -327,7 +331,9 @@ class Trainer:
                         self._save()
                     self.display.update(self._progress(s.step, s.tokens, s.elapsed), s.step, rec["lm_loss"],
                                         rec["tokens_per_second"], rec["mfu"], s.elapsed)
-                    done = final
+                    done = final or paused
+            if paused:  # the pause step's evaluation counts, as it would in the next step's time
+                s.elapsed = clock()
             if stopping:
                 interrupted = True
                 self.display.say(f"stopped by a signal after step {s.step}; saved {s.last_ckpt}; continue with "
@@ -340,7 +346,7 @@ class Trainer:
             if metrics is not None:
                 metrics.close()
             self.display.close()
-        return self._finish(elapsed0 + time.perf_counter() - t_start, tps_history, interrupted)
+        return self._finish(elapsed0 + time.perf_counter() - t_start, tps_history, interrupted, paused)
 
     def _step(self, lr: float, signalled: list[int]) -> tuple[dict[str, Any], bool]:
         """One optimizer step at learning rate `lr`: accumulated forward/backward, all-reduce of the
@@ -429,14 +435,14 @@ class Trainer:
             what = f"{'the last checkpoint is' if self.world.distributed else 'saved'} {s.last_ckpt}"
         self.display.say(f"interrupted at step {s.step}; {what}; continue with --resume --out {self.run_dir}")
 
-    def _finish(self, elapsed: float, tps_history: list[float], interrupted: bool) -> TrainResult:
+    def _finish(self, elapsed: float, tps_history: list[float], interrupted: bool, paused: bool) -> TrainResult:
         s, ev = self.state, self.state.last_eval
         result = TrainResult(run_dir=self.run_dir, steps=s.step, tokens=s.tokens, elapsed=elapsed,
                              final_loss=s.last_loss, val_loss=ev["val_loss"] if ev else None,
                              val_bpb=ev["val_bpb"] if ev else None,
                              tokens_per_second=float(np.median(tps_history)) if tps_history else 0.0,
-                             checkpoint=s.last_ckpt, report=None, interrupted=interrupted)
-        if s.step > 0 and self.world.is_rank0:
+                             checkpoint=s.last_ckpt, report=None, interrupted=interrupted, paused=paused)
+        if s.step > 0 and self.world.is_rank0 and not paused:
             summary = self.summary(result)
             if self.tc.eval_tasks and s.last_ckpt is not None and not interrupted:
                 summary.harness = self._harness(s.last_ckpt)

@@ -3,6 +3,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,29 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, corpus, monkeypatch)
     resumed = Trainer(TrainConfig(out=str(run), resume=True, progress=False)).train()
     assert resumed.steps == 12
     assert _losses(run) == reference  # exactly: same data, weights, optimizer state, schedule
+
+
+def test_a_run_trained_in_turns_equals_one_call_and_its_clock_skips_the_pauses(tmp_path, corpus):
+    straight = Trainer(_tc(tmp_path, corpus, "straight", max_steps=10, eval_interval=4)).train()
+    trainer = Trainer(_tc(tmp_path, corpus, "turns", max_steps=10, eval_interval=4))
+    results, durations = [], []
+    while not results or results[-1].paused:
+        t0 = time.perf_counter()
+        results.append(trainer.train(stop_after=3))
+        durations.append(time.perf_counter() - t0)
+        time.sleep(0.2)  # the other run's turn: not this run's time
+    assert [(r.steps, r.paused) for r in results] == [(3, True), (6, True), (9, True), (10, False)]
+    assert [r.report for r in results[:-1]] == [None] * 3 and results[-1].report.is_file()
+    assert not results[-1].interrupted and results[-1].checkpoint.name == "step-10"
+    assert _losses(results[-1].run_dir) == _losses(straight.run_dir)  # same steps, data and schedule
+    records = [json.loads(line) for line in (results[-1].run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert [r["step"] for r in records if "val_bpb" in r] == [4, 8, 10]
+    # each call adds at most its own duration to the clock; the pauses between calls add nothing
+    clocks = [0.0] + [r.elapsed for r in results]
+    for before, after, spent in zip(clocks, clocks[1:], durations):
+        assert 0 < after - before <= spent
+    assert results[-1].elapsed <= sum(durations) and results[-1].tokens_per_second > 0
 
 
 def test_resume_with_a_new_budget_and_a_torn_metrics_line(tmp_path, corpus):
