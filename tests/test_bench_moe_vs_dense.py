@@ -200,7 +200,10 @@ def test_a_pair_trains_in_turns_on_clocks_of_its_own(tmp_path):
     runs = {r["model"]: r for r in out["runs"]}
     assert set(runs) == {"MoE", "dense"} and out["meta"]["interleave"] == 3
     for r in runs.values():
-        assert r["elapsed"] >= 4.0 and r["interleave"] == 3 and r["turns"] == -(-r["steps"] // 3)
+        assert r["elapsed"] >= 4.0 and r["interleave"] == 3
+        # 3 steps a turn; the last turn may be shorter, or one step longer where the evaluation at its
+        # third step spent the budget (one call would also take that step)
+        assert 3 * (r["turns"] - 1) < r["steps"] <= 3 * r["turns"] + 1
         steps = [json.loads(line)["step"] for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(1, r["steps"] + 1))  # one run, continued turn after turn
         assert r["curve"][-1][2] >= 4.0 and "final_eval" in r

@@ -310,7 +310,7 @@ class Trainer:
             with world.stop_on_signals() as signalled:
                 # a resumed run whose budget is already spent does nothing; otherwise the loop ends
                 # at the step marked final, which always evaluates and saves
-                done = self._progress(s.step, s.tokens, clock()) >= 1.0
+                done = self._progress(s.step, s.tokens, elapsed0) >= 1.0  # a paused run had budget left
                 while not done:
                     lr = lr_at(s.step, self._progress(s.step, s.tokens, clock()), tc.lr, tc.warmup_steps,
                                tc.schedule, tc.min_lr_ratio, tc.decay_fraction)
@@ -331,9 +331,10 @@ class Trainer:
                         self._save()
                     self.display.update(self._progress(s.step, s.tokens, s.elapsed), s.step, rec["lm_loss"],
                                         rec["tokens_per_second"], rec["mfu"], s.elapsed)
+                    if paused:  # its evaluation counts, as in the next step's time; if that spent the
+                        s.elapsed = clock()  # budget, one more step ends the run, as in one call
+                        paused = self._progress(s.step, s.tokens, s.elapsed) < 1.0
                     done = final or paused
-            if paused:  # the pause step's evaluation counts, as it would in the next step's time
-                s.elapsed = clock()
             if stopping:
                 interrupted = True
                 self.display.say(f"stopped by a signal after step {s.step}; saved {s.last_ckpt}; continue with "

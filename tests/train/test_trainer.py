@@ -127,6 +127,27 @@ def test_a_run_trained_in_turns_equals_one_call_and_its_clock_skips_the_pauses(t
     assert results[-1].elapsed <= sum(durations) and results[-1].tokens_per_second > 0
 
 
+def test_a_pause_whose_evaluation_spends_the_time_budget_ends_the_run_in_that_call(tmp_path, corpus, monkeypatch):
+    """As in one call, the evaluation that spends the budget is followed by one last step, which
+    evaluates and saves; the run does not pause with its budget gone (the next turn would train nothing)."""
+    trainer = Trainer(_tc(tmp_path, corpus, time_budget=1000.0, eval_interval=4))
+    offset, real_clock, real_evaluate = [0.0], time.perf_counter, trainer.evaluate
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + offset[0])
+
+    def evaluate(**kw):
+        out = real_evaluate(**kw)
+        if trainer.state.step == 4:
+            offset[0] += 1000.0  # this evaluation takes the whole budget
+        return out
+    trainer.evaluate = evaluate
+    results = [trainer.train(stop_after=2)]
+    results.append(trainer.train(stop_after=2))
+    assert [(r.steps, r.paused) for r in results] == [(2, True), (5, False)]
+    assert results[-1].checkpoint.name == "step-5" and results[-1].report.is_file()
+    records = [json.loads(line) for line in (results[-1].run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_bpb" in r] == [4, 5]
+
+
 def test_resume_with_a_new_budget_and_a_torn_metrics_line(tmp_path, corpus):
     first = Trainer(_tc(tmp_path, corpus, max_tokens=2 * 8 * 32, eval_interval=100)).train()  # 2 steps
     assert first.steps == 2
