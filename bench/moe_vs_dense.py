@@ -25,6 +25,8 @@ evaluation varies by ~0.02 bits/byte between runs), reported beside the table.
     python bench/moe_vs_dense.py --budgets 15s --seeds 0 --corpora stdlib  # a smoke run
     python bench/moe_vs_dense.py --set num_nextn_predict_layers=0          # the preset without MTP
     python bench/moe_vs_dense.py --interleave 0                            # each pair back to back
+    python bench/moe_vs_dense.py --from-results a/results.json b/results.json --out merged --plot m.png
+                                                                           # one table and plot from two studies
 
 --equal-steps also trains the MoE, after each pair, for the dense twin's step count: the margin the
 MoE would reach if its layers cost no more time than the dense MLP, the most any speed-up can buy.
@@ -546,6 +548,35 @@ def plot(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def command_line() -> str:
+    """This process's command, as a user would type it."""
+    return "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+
+
+def merge_results(paths: list[Path]) -> tuple[list[dict], list[str], list[str]]:
+    """The runs, warnings and commands of earlier studies' results.json files, e.g. seeds run in
+    different sessions. A (corpus, budget, seed, model) found in two files is refused: which to keep
+    is the user's choice, not ours."""
+    runs, warnings, commands, seen = [], [], [], {}
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+            file_runs = data["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a results.json of this study ({e})") from None
+        for r in file_runs:
+            key = (r["corpus"], r["budget"], r["seed"], r["model"])
+            if key in seen:
+                raise ValueError(f"{' '.join(map(str, key[:2]))} seed {key[2]} {key[3]} is in both {seen[key]} and "
+                                 f"{path}: pass only one of them")
+            seen[key] = path
+        runs += file_runs
+        warnings += data.get("warnings", [])
+        commands.append(f"{data.get('meta', {}).get('command', '?')} (commit {data.get('meta', {}).get('git_commit', '?')}, "
+                        f"{data.get('meta', {}).get('date', '?')[:10]})")
+    return runs, warnings, commands
+
+
 # ---------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -582,6 +613,9 @@ def main() -> None:
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
     ap.add_argument("--interleave", type=int, default=10, metavar="STEPS",
                     help="steps per turn of a pair sharing the machine (0: run the pair back to back)")
+    ap.add_argument("--from-results", nargs="+", type=Path, metavar="RESULTS_JSON",
+                    help="train nothing: merge earlier studies' results.json files (e.g. seeds run on different "
+                         "days) into one table and plot, written to --out (results.md, results.json) and --plot")
     args = ap.parse_args()
     for flag, least in (("eval_interval", 1), ("eval_batches", 1), ("final_eval_batches", 0), ("split_steps", 1),
                         ("split_repeats", 1), ("settle", 0), ("interleave", 0)):
@@ -593,6 +627,18 @@ def main() -> None:
         moe = ModelConfig.from_preset(args.preset, **overrides)
     except ValueError as e:
         ap.error(str(e))
+    if args.from_results:
+        if args.out and (args.out / "results.json").exists():
+            ap.error(f"{args.out} already holds a results.json: pass another --out (it is not overwritten)")
+        try:
+            runs, warnings, commands = merge_results(args.from_results)
+        except ValueError as e:
+            ap.error(str(e))
+        head = f"{dt.date.today()}: merged from " + "; ".join(f"`{c}`" for c in commands) + ".\n\n"
+        report(args, runs, None, warnings, head, {"command": command_line(),
+                                                  "date": dt.datetime.now().isoformat(timespec="seconds"),
+                                                  "merged_from": commands})
+        return
     args.out = args.out or Path(tempfile.mkdtemp(prefix="moe_vs_dense-"))
     if (args.out / "runs").exists() and not args.resume_study:
         sys.exit(f"{args.out} holds a study: pass --resume-study to continue it, or another --out")
@@ -635,26 +681,35 @@ def main() -> None:
             warmup = dense.get("warmup_steps", 50)  # records before this key: the time-budget warmup then
             runs.append(run_one(args, corpus, budget, seed, EQUAL, args.out / "MoE.config.json", tokenizers[corpus],
                                 info, max_steps=dense["steps"], warmup_steps=warmup))
-    rows = summarize(runs)
     warnings = [w for r in [*runs, *(split[m] for m in MODELS if split)] for w in r.get("warnings", [])]
     preset = args.preset + (f" ({', '.join(args.set)})" if args.set else "")
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    command = command_line()
     head = (f"{dt.date.today()}, {info['machine']}, torch {info['torch']}, commit {info['git_commit']}: `{command}`; "
             f"{preset} MoE ({configs['MoE'].num_params().activated / 1e6:.2f}M activated) vs its dense twin "
             f"({configs['dense'].num_params().activated / 1e6:.2f}M), budgets {', '.join(args.budgets)} "
             f"({', '.join(f'{b:.0f}s' for b in budgets_s)}), seeds {args.seeds}"
             f"{f', the routed experts at {args.expert_lr_scale:g}x the learning rate' if args.expert_lr_scale != 1 else ''}"
             f"{f', each pair in turns of {args.interleave} steps' if args.interleave else ', each pair back to back'}.\n\n")
+    report(args, runs, split, warnings, head,
+           {**info, "command": command, "date": dt.datetime.now().isoformat(timespec="seconds"),
+            "preset": args.preset, "set": overrides, "expert_lr_scale": args.expert_lr_scale,
+            "interleave": args.interleave, "eval_interval": args.eval_interval, "eval_batches": args.eval_batches,
+            "final_eval_batches": args.final_eval_batches})
+
+
+def report(args, runs: list[dict], split: dict | None, warnings: list[str], head: str, meta: dict) -> None:
+    """The table (results.md), everything behind it (results.json) and the plot."""
+    rows = summarize(runs)
     text = head + markdown(rows, split, warnings)
-    (args.out / "results.md").write_text(text)
-    (args.out / "results.json").write_text(json.dumps(
-        {"meta": {**info, "command": command, "date": dt.datetime.now().isoformat(timespec="seconds"),
-                  "preset": args.preset, "set": overrides, "expert_lr_scale": args.expert_lr_scale,
-                  "interleave": args.interleave, "eval_interval": args.eval_interval, "eval_batches": args.eval_batches,
-                  "final_eval_batches": args.final_eval_batches},
-         "summary": rows, "split": split, "warnings": warnings, "runs": runs}, indent=1) + "\n")
+    where = f"plot: {args.plot}"
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.md").write_text(text)
+        (args.out / "results.json").write_text(json.dumps(
+            {"meta": meta, "summary": rows, "split": split, "warnings": warnings, "runs": runs}, indent=1) + "\n")
+        where = f"results: {args.out}/results.json, results.md; " + where
     plot(runs, args.plot)
-    print("\n" + text + f"\nresults: {args.out}/results.json, results.md; plot: {args.plot}")
+    print("\n" + text + "\n" + where)
 
 
 if __name__ == "__main__":

@@ -211,3 +211,34 @@ def test_a_pair_trains_in_turns_on_clocks_of_its_own(tmp_path):
     assert runs["MoE"]["elapsed"] + runs["dense"]["elapsed"] < wall  # the clocks never overlap
     assert "each pair in turns of 3 steps" in (tmp_path / "s" / "results.md").read_text()
     assert (tmp_path / "plot.png").is_file()
+
+
+def test_studies_run_apart_merge_into_one_table_and_plot(tmp_path):
+    """Seeds run on different days (each its own results.json) make one table and plot; a run found
+    in two files is refused, and an existing results.json is never overwritten."""
+    import json
+
+    def results(name, seed, moe_bpb, dense_bpb):
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        runs = [_run("MoE", seed, moe_bpb, 1000, [(500, 2.6), (1000, moe_bpb)]),
+                _run("dense", seed, dense_bpb, 1100, [(550, 2.6), (1100, dense_bpb)])]
+        path.write_text(json.dumps({"meta": {"command": f"study {name}", "git_commit": "abc", "date": "2026-12-02T01:00"},
+                                    "warnings": [], "runs": runs}))
+        return str(path)
+
+    a, b = results("a", 0, 2.10, 2.15), results("b", 1, 2.10, 2.12)
+    proc = _study_cli("--from-results", a, b, "--out", str(tmp_path / "m"), "--plot", str(tmp_path / "m.png"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "m" / "results.json").read_text())["summary"]
+    assert row["seeds"] == [0, 1] and row["margins"] == pytest.approx([0.05, 0.02]) and not row["target_met"]
+    text = (tmp_path / "m" / "results.md").read_text()
+    assert "`study a (commit abc, 2026-12-02)`" in text and "+0.0500 / +0.0200" in text in proc.stdout
+    assert (tmp_path / "m.png").is_file()
+
+    proc = _study_cli("--from-results", a, results("c", 0, 2.0, 2.1), "--plot", str(tmp_path / "c.png"))
+    assert proc.returncode == 2 and "stdlib 10m seed 0 MoE is in both" in proc.stderr
+    proc = _study_cli("--from-results", a, "--out", str(tmp_path / "m"), "--plot", str(tmp_path / "d.png"))
+    assert proc.returncode == 2 and "already holds a results.json" in proc.stderr
+    assert json.loads((tmp_path / "m" / "results.json").read_text())["summary"][0]["seeds"] == [0, 1]  # untouched
+    assert not (tmp_path / "c.png").exists() and not (tmp_path / "d.png").exists()
