@@ -561,19 +561,18 @@ def merge_results(paths: list[Path]) -> tuple[list[dict], list[str], list[str]]:
     for path in paths:
         try:
             data = json.loads(path.read_text())
-            file_runs = data["runs"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a results.json of this study ({e})") from None
-        for r in file_runs:
-            key = (r["corpus"], r["budget"], r["seed"], r["model"])
+            keys = [(r["corpus"], r["budget"], r["seed"], r["model"]) for r in data["runs"]]
+            meta = data.get("meta", {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a results.json of this study ({type(e).__name__}: {e})") from None
+        for key in keys:
             if key in seen:
                 raise ValueError(f"{' '.join(map(str, key[:2]))} seed {key[2]} {key[3]} is in both {seen[key]} and "
                                  f"{path}: pass only one of them")
             seen[key] = path
-        runs += file_runs
+        runs += data["runs"]
         warnings += data.get("warnings", [])
-        commands.append(f"{data.get('meta', {}).get('command', '?')} (commit {data.get('meta', {}).get('git_commit', '?')}, "
-                        f"{data.get('meta', {}).get('date', '?')[:10]})")
+        commands.append(f"{meta.get('command', '?')} (commit {meta.get('git_commit', '?')}, {meta.get('date', '?')[:10]})")
     return runs, warnings, commands
 
 

@@ -241,4 +241,7 @@ def test_studies_run_apart_merge_into_one_table_and_plot(tmp_path):
     proc = _study_cli("--from-results", a, "--out", str(tmp_path / "m"), "--plot", str(tmp_path / "d.png"))
     assert proc.returncode == 2 and "already holds a results.json" in proc.stderr
     assert json.loads((tmp_path / "m" / "results.json").read_text())["summary"][0]["seeds"] == [0, 1]  # untouched
-    assert not (tmp_path / "c.png").exists() and not (tmp_path / "d.png").exists()
+    (tmp_path / "bad.json").write_text('{"runs": [{"seed": 0}]}')
+    proc = _study_cli("--from-results", str(tmp_path / "bad.json"), "--plot", str(tmp_path / "e.png"))
+    assert proc.returncode == 2 and "not a results.json of this study (KeyError" in proc.stderr
+    assert not any((tmp_path / f"{x}.png").exists() for x in "cde")
