@@ -634,9 +634,7 @@ def main() -> None:
         except ValueError as e:
             ap.error(str(e))
         head = f"{dt.date.today()}: merged from " + "; ".join(f"`{c}`" for c in commands) + ".\n\n"
-        report(args, runs, None, warnings, head, {"command": command_line(),
-                                                  "date": dt.datetime.now().isoformat(timespec="seconds"),
-                                                  "merged_from": commands})
+        report(args, runs, None, warnings, head, {"merged_from": commands})
         return
     args.out = args.out or Path(tempfile.mkdtemp(prefix="moe_vs_dense-"))
     if (args.out / "runs").exists() and not args.resume_study:
@@ -690,15 +688,16 @@ def main() -> None:
             f"{f', the routed experts at {args.expert_lr_scale:g}x the learning rate' if args.expert_lr_scale != 1 else ''}"
             f"{f', each pair in turns of {args.interleave} steps' if args.interleave else ', each pair back to back'}.\n\n")
     report(args, runs, split, warnings, head,
-           {**info, "command": command, "date": dt.datetime.now().isoformat(timespec="seconds"),
-            "preset": args.preset, "set": overrides, "expert_lr_scale": args.expert_lr_scale,
+           {**info, "preset": args.preset, "set": overrides, "expert_lr_scale": args.expert_lr_scale,
             "interleave": args.interleave, "eval_interval": args.eval_interval, "eval_batches": args.eval_batches,
             "final_eval_batches": args.final_eval_batches})
 
 
 def report(args, runs: list[dict], split: dict | None, warnings: list[str], head: str, meta: dict) -> None:
-    """The table (results.md), everything behind it (results.json) and the plot."""
+    """The table (results.md), everything behind it (results.json, its meta with this command and
+    the time added) and the plot."""
     rows = summarize(runs)
+    meta = {**meta, "command": command_line(), "date": dt.datetime.now().isoformat(timespec="seconds")}
     text = head + markdown(rows, split, warnings)
     where = f"plot: {args.plot}"
     if args.out:
