@@ -215,7 +215,8 @@ def test_a_pair_trains_in_turns_on_clocks_of_its_own(tmp_path):
 
 def test_studies_run_apart_merge_into_one_table_and_plot(tmp_path):
     """Seeds run on different days (each its own results.json) make one table and plot; a run found
-    in two files is refused, and an existing results.json is never overwritten."""
+    in two files is refused, so are training flags (they would be ignored), and an existing results.json is
+    never overwritten."""
     import json
 
     def results(name, seed, moe_bpb, dense_bpb):
@@ -241,7 +242,9 @@ def test_studies_run_apart_merge_into_one_table_and_plot(tmp_path):
     proc = _study_cli("--from-results", a, "--out", str(tmp_path / "m"), "--plot", str(tmp_path / "d.png"))
     assert proc.returncode == 2 and "already holds a results.json" in proc.stderr
     assert json.loads((tmp_path / "m" / "results.json").read_text())["summary"][0]["seeds"] == [0, 1]  # untouched
+    proc = _study_cli("--from-results", a, "--seeds", "1", "--budget", "30m", "--plot", str(tmp_path / "f.png"))
+    assert proc.returncode == 2 and "--budgets, --seeds would be ignored: drop them" in proc.stderr
     (tmp_path / "bad.json").write_text('{"runs": [{"seed": 0}]}')
     proc = _study_cli("--from-results", str(tmp_path / "bad.json"), "--plot", str(tmp_path / "e.png"))
     assert proc.returncode == 2 and "not a results.json of this study (KeyError" in proc.stderr
-    assert not any((tmp_path / f"{x}.png").exists() for x in "cde")
+    assert not any((tmp_path / f"{x}.png").exists() for x in "cdef")
