@@ -59,10 +59,8 @@ from leanmoe.train.config import parse_duration
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("MoE", "dense")
 EQUAL = "MoE@dense-steps"  # --equal-steps: the MoE trained for as many steps as the dense twin took
-# what only a training study reads: --from-results refuses them rather than ignore them
-TRAINING_FLAGS = ("preset", "set", "budgets", "seeds", "corpora", "resume_study", "eval_interval", "eval_batches",
-                  "final_eval_batches", "seq_len", "batch_size", "device", "dtype", "expert_lr_scale", "no_progress",
-                  "settle", "split_steps", "split_repeats", "no_split", "equal_steps", "keep_checkpoints", "interleave")
+# the only options --from-results reads; it refuses every other one given (it trains nothing, so they would be ignored)
+MERGE_FLAGS = ("from_results", "out", "plot")
 BUSY = 0.5 * (os.cpu_count() or 1)  # a 1-minute load average above this: the machine is not quiet
 
 
@@ -631,7 +629,8 @@ def main() -> None:
     except ValueError as e:
         ap.error(str(e))
     if args.from_results:
-        ignored = [f"--{dest.replace('_', '-')}" for dest in TRAINING_FLAGS if getattr(args, dest) != ap.get_default(dest)]
+        ignored = [f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
+                   if dest not in MERGE_FLAGS and value != ap.get_default(dest)]
         if ignored:
             ap.error(f"--from-results trains nothing, so {', '.join(ignored)} would be ignored: drop "
                      f"{'it' if len(ignored) == 1 else 'them'} (the merged runs keep the settings they were trained with)")
