@@ -147,11 +147,18 @@ def multiplier_text(moe: dict, dense_same: dict, dense_longer: list[dict]) -> st
     return text + ")"
 
 
+def panel(run: dict) -> tuple[str, str, str]:
+    """What a table row and a plot panel average over seeds: corpus, budget and the autocast dtype
+    (bf16 and fp32 runs train at different speeds, and on different machines)."""
+    return run["corpus"], run["budget"], run.get("dtype", "?")  # "?": a record from before the key
+
+
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per (corpus, budget) over the seeds where both models finished."""
-    by = {(r["corpus"], r["budget"], r["seed"], r["model"]): r for r in runs}
+    """One row per (corpus, budget, dtype) over the seeds where both models finished: runs merged
+    from another machine in another precision are not averaged with these."""
     rows = []
-    for corpus, budget in dict.fromkeys((r["corpus"], r["budget"]) for r in runs):
+    for corpus, budget, dtype in dict.fromkeys(map(panel, runs)):
+        by = {(r["corpus"], r["budget"], r["seed"], r["model"]): r for r in runs if panel(r)[2] == dtype}
         seeds = sorted({s for (c, b, s, m) in by if (c, b) == (corpus, budget)})
         pairs = [(s, by[corpus, budget, s, "MoE"], by[corpus, budget, s, "dense"]) for s in seeds
                  if (corpus, budget, s, "MoE") in by and (corpus, budget, s, "dense") in by]
@@ -163,7 +170,8 @@ def summarize(runs: list[dict]) -> list[dict]:
                       and r["budget_s"] > moe[0]["budget_s"]] for s, _, _ in pairs}
         equal = [[s, d["val_bpb"] - by[corpus, budget, s, EQUAL]["val_bpb"]] for s, _, d in pairs
                  if (corpus, budget, s, EQUAL) in by]  # [seed, margin]
-        rows.append({"corpus": corpus, "budget": budget, "seeds": [p[0] for p in pairs], "equal_step_margins": equal,
+        rows.append({"corpus": corpus, "budget": budget, "dtype": dtype, "seeds": [p[0] for p in pairs],
+                     "equal_step_margins": equal,
                      "moe_bpb": [m["val_bpb"] for m in moe], "dense_bpb": [d["val_bpb"] for d in dense],
                      "margins": margins, "moe_tps": mean(m["tokens_per_second"] for m in moe),
                      "dense_tps": mean(d["tokens_per_second"] for d in dense),
@@ -178,11 +186,12 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], split: dict | None, warnings: list[str]) -> str:
     spread = lambda xs: f"{mean(xs):.4f} ({min(xs):.4f}-{max(xs):.4f})"
-    out = [("| corpus | budget | seeds | MoE val bpb mean (min-max) | dense val bpb mean (min-max) | dense - MoE per "
-            "seed | MoE tok/s | dense tok/s | dense tokens to reach MoE's bpb | target |"), "|" + "---|" * 10]
+    out = [("| corpus | budget | dtype | seeds | MoE val bpb mean (min-max) | dense val bpb mean (min-max) | "
+            "dense - MoE per seed | MoE tok/s | dense tok/s | dense tokens to reach MoE's bpb | target |"), "|" + "---|" * 11]
     for r in rows:
         met = f"{'yes' if r['target_met'] else 'no'} (>= {r['target']} in every seed)"
-        out.append(f"| {r['corpus']} | {r['budget']} | {len(r['seeds'])} | {spread(r['moe_bpb'])} | "
+        out.append(f"| {r['corpus']} | {r['budget']} | {r.get('dtype', '?')} | {len(r['seeds'])} | "
+                   f"{spread(r['moe_bpb'])} | "
                    f"{spread(r['dense_bpb'])} | {' / '.join(f'{x:+.4f}' for x in r['margins'])} | "
                    f"{r['moe_tps']:,.0f} | {r['dense_tps']:,.0f} | {' / '.join(r['multipliers'])} | {met} |")
     finals = [r for r in rows if r.get("final_margins")]
@@ -190,14 +199,14 @@ def markdown(rows: list[dict], split: dict | None, warnings: list[str]) -> str:
         out += ["", "Each final model evaluated again after its budget on more of the validation split (the same "
                 "windows for both models; the table's numbers are the trainer's last evaluation, the windows its "
                 "curve used), dense - MoE: " + "; ".join(
-                    f"{r['corpus']} {r['budget']} ({r['final_tokens']:,} tokens) "
+                    f"{r['corpus']} {r['budget']} {r.get('dtype', '?')} ({r['final_tokens']:,} tokens) "
                     + " / ".join(f"{x:+.4f}" for x in r["final_margins"])
                     + f", target {'met' if r['final_target_met'] else 'not met'}" for r in finals) + "."]
     bounds = [r for r in rows if r.get("equal_step_margins")]
     if bounds:
         out += ["", "The MoE trained for as many steps as the dense twin took in its budget (`--equal-steps`: what "
                 "an MoE layer costing no more than the dense MLP would reach, the most a faster MoE can buy), "
-                "dense - MoE: " + "; ".join(f"{r['corpus']} {r['budget']} " + ", ".join(
+                "dense - MoE: " + "; ".join(f"{r['corpus']} {r['budget']} {r.get('dtype', '?')} " + ", ".join(
                     f"seed {s} {x:+.4f}" for s, x in r["equal_step_margins"]) for r in bounds) + "."]
     if split:
         out += ["", (f"Step-time split, ms per optimizer step (batch {split['batch']}), from isolated-component "
@@ -527,20 +536,21 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    corpora, budgets = list(dict.fromkeys(r["corpus"] for r in runs)), list(dict.fromkeys(r["budget"] for r in runs))
-    fig, axes = plt.subplots(len(corpora), len(budgets), figsize=(5.5 * len(budgets), 4 * len(corpora)), squeeze=False)
-    for (i, corpus), (j, budget) in ((a, b) for a in enumerate(corpora) for b in enumerate(budgets)):
+    rows = list(dict.fromkeys((r["corpus"], panel(r)[2]) for r in runs))  # corpus and dtype
+    budgets = list(dict.fromkeys(r["budget"] for r in runs))
+    fig, axes = plt.subplots(len(rows), len(budgets), figsize=(5.5 * len(budgets), 4 * len(rows)), squeeze=False)
+    for (i, (corpus, dtype)), (j, budget) in ((a, b) for a in enumerate(rows) for b in enumerate(budgets)):
         ax = axes[i][j]
         for model, color in zip(MODELS, ("C0", "C1")):
             curves = [np.array(r["curve"])[:, 2:] for r in runs
-                      if (r["corpus"], r["budget"], r["model"]) == (corpus, budget, model) and r["curve"]]
+                      if (*panel(r), r["model"]) == (corpus, budget, dtype, model) and r["curve"]]
             for c in curves:
                 ax.plot(c[:, 0] / 60, c[:, 1], color=color, lw=0.6, alpha=0.5, marker="o" if len(c) == 1 else None)
             if curves:  # the mean over the span every seed covers
                 grid = np.linspace(max(c[0, 0] for c in curves), min(c[-1, 0] for c in curves), 100)
                 avg = np.mean([np.interp(grid, c[:, 0], c[:, 1]) for c in curves], axis=0)
                 ax.plot(grid / 60, avg, color=color, lw=2.2, label=f"{model}, mean of {len(curves)} seed(s)")
-        ax.set(title=f"{corpus}, {budget} budget", xlabel="wall-clock (minutes)", ylabel="val bits/byte")
+        ax.set(title=f"{corpus}, {budget} budget, {dtype}", xlabel="wall-clock (minutes)", ylabel="val bits/byte")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
@@ -557,20 +567,20 @@ def command_line() -> str:
 
 def merge_results(paths: list[Path]) -> tuple[list[dict], list[str], list[str]]:
     """The runs, warnings and commands of earlier studies' results.json files, e.g. seeds run in
-    different sessions. A (corpus, budget, seed, model) found in two files is refused: which to keep
-    is the user's choice, not ours."""
+    different sessions. A (corpus, budget, seed, model, dtype) found in two files is refused: which
+    to keep is the user's choice, not ours."""
     runs, warnings, commands, seen = [], [], [], {}
     for path in paths:
         try:
             data = json.loads(path.read_text())
-            keys = [(r["corpus"], r["budget"], r["seed"], r["model"]) for r in data["runs"]]
+            keys = [(r["corpus"], r["budget"], r["seed"], r["model"], panel(r)[2]) for r in data["runs"]]
             meta = data.get("meta", {})
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a results.json of this study ({type(e).__name__}: {e})") from None
         for key in keys:
             if key in seen:
-                raise ValueError(f"{' '.join(map(str, key[:2]))} seed {key[2]} {key[3]} is in both {seen[key]} and "
-                                 f"{path}: pass only one of them")
+                raise ValueError(f"{' '.join(map(str, key[:2]))} seed {key[2]} {key[3]} ({key[4]}) is in both "
+                                 f"{seen[key]} and {path}: pass only one of them")
             seen[key] = path
         runs += data["runs"]
         warnings += data.get("warnings", [])

@@ -11,8 +11,8 @@ study = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(study)
 
 
-def _run(model, seed, bpb, tokens, curve, budget="10m", budget_s=600.0, tps=1000.0):
-    return {"corpus": "stdlib", "budget": budget, "budget_s": budget_s, "seed": seed, "model": model,
+def _run(model, seed, bpb, tokens, curve, budget="10m", budget_s=600.0, tps=1000.0, dtype="bf16"):
+    return {"corpus": "stdlib", "budget": budget, "budget_s": budget_s, "seed": seed, "model": model, "dtype": dtype,
             "val_bpb": bpb, "tokens": tokens, "tokens_per_second": tps,
             "curve": [[i + 1, t, 10.0 * (i + 1), b] for i, (t, b) in enumerate(curve)]}
 
@@ -65,7 +65,7 @@ def test_summary_reports_the_equal_step_bound_per_seed():
     ((seed, margin),) = row["equal_step_margins"]  # seed 1 has no step-count run
     assert seed == 0 and margin == pytest.approx(0.02)
     text = study.markdown([row], None, [])
-    assert "`--equal-steps`" in text and "stdlib 10m seed 0 +0.0200." in text
+    assert "`--equal-steps`" in text and "stdlib 10m bf16 seed 0 +0.0200." in text
 
 
 def test_summary_reports_the_larger_final_evaluation_when_every_run_has_it():
@@ -79,7 +79,7 @@ def test_summary_reports_the_larger_final_evaluation_when_every_run_has_it():
     assert row["final_margins"] == pytest.approx([0.04, 0.04]) and row["final_target_met"]
     assert row["margins"] == pytest.approx([0.05, 0.02]) and not row["target_met"]  # the table's verdict is its own
     text = study.markdown([row], None, [])
-    assert "stdlib 10m (4,096 tokens) +0.0400 / +0.0400, target met." in text
+    assert "stdlib 10m bf16 (4,096 tokens) +0.0400 / +0.0400, target met." in text
 
 
 def test_final_evaluation_reads_more_of_the_validation_split(tmp_path, monkeypatch):
@@ -219,11 +219,11 @@ def test_studies_run_apart_merge_into_one_table_and_plot(tmp_path):
     never overwritten."""
     import json
 
-    def results(name, seed, moe_bpb, dense_bpb):
+    def results(name, seed, moe_bpb, dense_bpb, dtype="bf16"):
         path = tmp_path / name / "results.json"
         path.parent.mkdir()
-        runs = [_run("MoE", seed, moe_bpb, 1000, [(500, 2.6), (1000, moe_bpb)]),
-                _run("dense", seed, dense_bpb, 1100, [(550, 2.6), (1100, dense_bpb)])]
+        runs = [_run("MoE", seed, moe_bpb, 1000, [(500, 2.6), (1000, moe_bpb)], dtype=dtype),
+                _run("dense", seed, dense_bpb, 1100, [(550, 2.6), (1100, dense_bpb)], dtype=dtype)]
         path.write_text(json.dumps({"meta": {"command": f"study {name}", "git_commit": "abc", "date": "2026-12-02T01:00"},
                                     "warnings": [], "runs": runs}))
         return str(path)
@@ -238,7 +238,14 @@ def test_studies_run_apart_merge_into_one_table_and_plot(tmp_path):
     assert (tmp_path / "m.png").is_file()
 
     proc = _study_cli("--from-results", a, results("c", 0, 2.0, 2.1), "--plot", str(tmp_path / "c.png"))
-    assert proc.returncode == 2 and "stdlib 10m seed 0 MoE is in both" in proc.stderr
+    assert proc.returncode == 2 and "stdlib 10m seed 0 MoE (bf16) is in both" in proc.stderr
+    # the same seed in another precision (another machine) is another row, not averaged with these
+    proc = _study_cli("--from-results", a, b, results("g", 0, 2.3, 2.2, dtype="fp32"), "--out", str(tmp_path / "g2"),
+                      "--plot", str(tmp_path / "g.png"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bf16, fp32 = json.loads((tmp_path / "g2" / "results.json").read_text())["summary"]
+    assert (bf16["dtype"], bf16["seeds"], fp32["dtype"], fp32["seeds"]) == ("bf16", [0, 1], "fp32", [0])
+    assert fp32["margins"] == pytest.approx([-0.1]) and "| stdlib | 10m | fp32 | 1 |" in proc.stdout
     proc = _study_cli("--from-results", a, "--out", str(tmp_path / "m"), "--plot", str(tmp_path / "d.png"))
     assert proc.returncode == 2 and "already holds a results.json" in proc.stderr
     assert json.loads((tmp_path / "m" / "results.json").read_text())["summary"][0]["seeds"] == [0, 1]  # untouched

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from leanmoe.config import ModelConfig
+from leanmoe.device import cpu_has_native_bf16
 from leanmoe.train.config import TrainConfig
 from leanmoe.train.cost import GPU, GPUS, estimate_cost
 
@@ -71,7 +72,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model with the number of threads torch uses."""
+    """The GPU's name, or the CPU model with the number of threads torch uses, its widest vector
+    instructions torch dispatches to (AVX2, AVX512, ...) and whether it has native bf16: two CPUs
+    that print the same model name can train at very different speeds."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
@@ -82,7 +85,8 @@ def device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu} ({torch.get_num_threads()} threads, {isa}{', native bf16' if cpu_has_native_bf16() else ''})"
 
 
 def _plot_loss(records, path: Path) -> bool:

@@ -130,7 +130,8 @@ class Trainer:
             cfg = ModelConfig.from_pretrained(ckpt)
         else:
             cfg = self._model_config()
-        self.tc = tc = tc.resolved(cfg, self.device, world.size, available_memory(self.device), self.display.say)
+        self.tc = tc = tc.resolved(cfg, self.device, world.size, available_memory(self.device), self.display.say,
+                                   self.display.warn)
         self.cfg = cfg
         self._build_mesh(cfg, saved_parallel)
         if world.is_rank0:

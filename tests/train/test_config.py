@@ -46,6 +46,22 @@ def test_cpu_dtype_auto_is_bf16_only_with_native_bf16_in_one_process(tiny, monke
     assert TrainConfig().resolved(tiny, CUDA).dtype == "bf16"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_explicit_bf16_on_a_cpu_that_emulates_it_is_warned_about(tiny, monkeypatch, native):
+    import leanmoe.device as device_mod
+
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: native)
+    heard = []
+    assert TrainConfig(dtype="bf16").resolved(tiny, CPU, warn=heard.append).dtype == "bf16"  # still the user's choice
+    assert len(heard) == (0 if native else 1)
+    if heard:
+        assert "emulates bf16" in heard[0] and "--dtype auto picks fp32" in heard[0]
+    for quiet in (TrainConfig(), TrainConfig(dtype="fp32")):  # auto never picks emulated bf16; fp32 is fine
+        quiet.resolved(tiny, CPU, warn=heard.append)
+    TrainConfig(dtype="bf16").resolved(tiny, CUDA, warn=heard.append)
+    assert len(heard) == (0 if native else 1)
+
+
 def test_gpu_defaults_are_larger_and_capped_by_the_model(tiny):
     r = TrainConfig().resolved(tiny, CUDA)
     assert r.seq_len == 1024  # 2048 capped at max_position_embeddings

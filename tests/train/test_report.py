@@ -11,6 +11,7 @@ from leanmoe.train.report import (
     ProgressDisplay,
     RunSummary,
     TrainResult,
+    device_name,
     fmt_eta,
     read_metrics,
     write_report,
@@ -155,3 +156,14 @@ def test_enabled_display_says_and_prints_evaluations_without_a_bar(capsys):
     assert out[0] == "[leanmoe] hello"
     assert out[1] == "step 7: val_loss 1.2346, val_bpb 0.5000"
     assert len(out) == 4 and out[2] == f"  'p0' -> {'c' * 120!r}"  # two samples, completions cut at 120
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_device_name_says_its_vector_instructions_and_bf16(monkeypatch, native):
+    """Two hosts named "AMD EPYC" trained 2.5x apart (AVX512 with bf16 against AVX2): the name tells them apart."""
+    import leanmoe.train.report as report_mod
+
+    monkeypatch.setattr(report_mod, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512" if native else "AVX2")
+    name = device_name(torch.device("cpu"))
+    assert name.endswith("threads, AVX512, native bf16)" if native else "threads, AVX2)"), name
